@@ -1,0 +1,94 @@
+"""MNIST-1D (Greydanus 2020), generated offline and cached on disk (PAPER.md §4).
+
+The ``mnist1d`` package's generator with its default arguments: 5000 samples, 80/20 split
+into 4000 train and 1000 test, 40 features, 10 classes, generation seed 42.  The data are
+never downloaded (the package's ``get_dataset`` would).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["MNIST1D", "mnist1d", "cache_dir"]
+
+
+@dataclass(frozen=True)
+class MNIST1D:
+    """Train and test tensors: ``x_*`` (N, 40) floats, ``y_*`` (N,) int64 labels."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    @property
+    def num_features(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    def to(self, device: torch.device | str) -> MNIST1D:
+        return MNIST1D(
+            *(t.to(device) for t in (self.x_train, self.y_train, self.x_test, self.y_test))
+        )
+
+
+def cache_dir() -> Path:
+    """``$GUESSGRAD_CACHE``, else ``$XDG_CACHE_HOME/guessgrad``, else ``~/.cache/guessgrad``."""
+    if "GUESSGRAD_CACHE" in os.environ:
+        return Path(os.environ["GUESSGRAD_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "guessgrad"
+
+
+def _generate() -> dict[str, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    data = make_dataset(get_dataset_args())
+    return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def mnist1d(*, dtype: torch.dtype = torch.float32, cache: bool = True) -> MNIST1D:
+    """The MNIST-1D train/test split, generated once and then read from the cache.
+
+    Args:
+        dtype: floating dtype of the features.
+        cache: read and write the on-disk cache (:func:`cache_dir`); the file is keyed by
+            the generator's arguments and written atomically.
+    """
+    from mnist1d.data import get_dataset_args
+
+    args = {k: v for k, v in get_dataset_args(as_dict=True).items() if k != "url"}
+    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / f"mnist1d-{key}.npz"
+    arrays: dict[str, np.ndarray] | None = None
+    if cache and path.exists():
+        try:
+            with np.load(path) as f:
+                arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError):
+            arrays = None  # a damaged cache file is regenerated
+    if arrays is None:
+        arrays = _generate()
+        if cache:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+                np.savez(f, **arrays)
+            os.replace(f.name, path)
+    return MNIST1D(
+        x_train=torch.as_tensor(arrays["x"], dtype=dtype),
+        y_train=torch.as_tensor(arrays["y"], dtype=torch.int64),
+        x_test=torch.as_tensor(arrays["x_test"], dtype=dtype),
+        y_test=torch.as_tensor(arrays["y_test"], dtype=torch.int64),
+    )

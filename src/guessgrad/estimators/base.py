@@ -1,0 +1,94 @@
+"""The estimator contract, shared by every method.
+
+    loss = est.estimate(model, x, y, *, generator=None)
+
+computes the batch-mean cross-entropy L of ``model(x)`` against integer labels ``y``, writes
+an estimate of ∂L/∂p into ``p.grad`` for every parameter p (replacing, never accumulating)
+and returns L as a detached 0-d tensor.  Any ``torch.optim`` optimizer then takes the step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..models import linear_layers
+
+__all__ = ["Estimator", "check_batch"]
+
+
+def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` with the offending value for a bad batch."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    w = layers[0].weight
+    if x.dim() != 2 or x.shape[1] != layers[0].in_features:
+        raise ValueError(
+            f"x must have shape (batch, {layers[0].in_features}), got {tuple(x.shape)}"
+        )
+    if x.shape[0] < 1:
+        raise ValueError("empty batch: x has 0 rows")
+    if x.dtype != w.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {w.dtype}")
+    if x.device != w.device:
+        raise ValueError(f"x is on {x.device} but the model is on {w.device}")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+    classes = layers[-1].out_features
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
+        bad = y[(y < 0) | (y >= classes)][0].item()
+        raise ValueError(f"label {bad} out of range for {classes} classes")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or infinite values")
+
+
+class Estimator(ABC):
+    """Base class: validates the model and batch, then runs :meth:`_estimate` under no_grad.
+
+    ``state`` holds per-layer state (warm starts, counters) between calls, keyed by layer
+    index, in the spirit of ``torch.optim.Optimizer.state``.
+    """
+
+    #: registry name
+    name: ClassVar[str] = ""
+    #: whether the method uses reverse-mode autograd (only ``Backprop``)
+    uses_backprop: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        self.state: dict[int, dict[str, Any]] = {}
+
+    def estimate(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Write gradient estimates into ``p.grad`` and return the loss (detached, 0-d)."""
+        layers = linear_layers(model)
+        check_batch(layers, x, y)
+        with torch.no_grad():
+            loss, grads = self._estimate(layers, x, y, generator)
+        for param, grad in grads:
+            param.grad = grad
+        return loss.detach()
+
+    @abstractmethod
+    def _estimate(
+        self, layers: list[nn.Linear], x: Tensor, y: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, list[tuple[nn.Parameter, Tensor]]]:
+        """Return the loss and ``(parameter, gradient estimate)`` pairs."""
+
+    def options(self) -> dict[str, Any]:
+        """The constructor options, for configs and reports."""
+        return {}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({opts})"

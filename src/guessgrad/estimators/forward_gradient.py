@@ -1,0 +1,165 @@
+"""Forward-gradient estimators that guess the pre-activation gradients (PAPER.md §2.2–2.7).
+
+One step (PAPER.md §2, "How one step works"): draw one guess y_i^b per layer and example,
+run one forward pass that adds every y_i to the tangent of s_i, read off d_b, and set
+
+    ĝ_i^b = d_b y_i^b,    est(∂L/∂W_i) = Σ_b ĝ_i^b x_i^bᵀ,    est(∂L/∂b_i) = Σ_b ĝ_i^b.
+
+Guesses are not rescaled; other layers' guesses leak into d_b (cross-layer noise, part of the
+method).  Hidden layers use ``guess``; the output layer, which has no next layer, uses
+``output_guess`` (activation perturbation, as the paper's code does for methods 3–7).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..guesses import Guess, IsotropicGuess, Site, WPerpGuess, WPrecondGuess, WTransposeGuess
+from ..solvers.subspace import DEFAULT_DEPTH
+from .base import Estimator
+from .forward_mode import TangentPass, tangent_forward
+
+__all__ = [
+    "ForwardGradient",
+    "ActivationPerturbation",
+    "WTranspose",
+    "WPerp",
+    "WPrecond",
+]
+
+
+class ForwardGradient(Estimator):
+    """ĝ_i^b = d_b y_i^b with y_i from ``guess`` (hidden layers) or ``output_guess`` (last layer).
+
+    Args:
+        guess: the :class:`~guessgrad.guesses.Guess` for hidden layers.
+        output_guess: the guess for the output layer; defaults to activation perturbation.
+    """
+
+    name = "forward-gradient"
+
+    def __init__(self, guess: Guess, output_guess: Guess | None = None) -> None:
+        super().__init__()
+        self.guess = guess
+        self.output_guess = output_guess if output_guess is not None else IsotropicGuess()
+
+    def guess_for(self, site: Site) -> Guess:
+        """The guess used at ``site``."""
+        return self.guess if site.jacobian is not None else self.output_guess
+
+    def tangent_pass(
+        self,
+        layers: list[nn.Linear],
+        x: Tensor,
+        y: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        on_site: Any = None,
+    ) -> TangentPass:
+        """One forward pass with fresh guesses; ``on_site(site, guess, state)`` is called
+        before each layer's guess is drawn (the metrics use it to read covariances)."""
+
+        def inject(site: Site) -> Tensor:
+            guess = self.guess_for(site)
+            state = self.state.setdefault(site.index, {})
+            if on_site is not None:
+                on_site(site, guess, state)
+            return guess.sample(site, state, generator=generator)
+
+        return tangent_forward(layers, x, y, inject)
+
+    def _estimate(
+        self, layers: list[nn.Linear], x: Tensor, y: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, list[tuple[nn.Parameter, Tensor]]]:
+        result = self.tangent_pass(layers, x, y, generator=generator)
+        grads: list[tuple[nn.Parameter, Tensor]] = []
+        for layer, site, guess in zip(layers, result.sites, result.injected):
+            g_hat = result.d.unsqueeze(1) * guess  # (B, d_{i+1}) = ĝ_i
+            grads.append((layer.weight, g_hat.T @ site.x))
+            if layer.bias is not None:
+                grads.append((layer.bias, g_hat.sum(0)))
+        return result.loss, grads
+
+    def options(self) -> dict[str, Any]:
+        return {"guess": repr(self.guess), "output_guess": repr(self.output_guess)}
+
+
+class ActivationPerturbation(ForwardGradient):
+    """Activation perturbation (Ren et al. 2023; PAPER.md §2.2): y_i^b ~ N(0, I). Unbiased."""
+
+    name = "activation-perturbation"
+
+    def __init__(self) -> None:
+        super().__init__(IsotropicGuess())
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+class WTranspose(ForwardGradient):
+    """W̃ᵀ (Singhal et al. 2023; PAPER.md §2.3): y = W̃_bᵀ ε, W̃_b = W_{i+1} M_i^b. Biased."""
+
+    name = "w-transpose"
+
+    def __init__(self) -> None:
+        super().__init__(WTransposeGuess())
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+
+class WPerp(ForwardGradient):
+    """W̃⊥ (PAPER.md §2.4, the paper's method; §2.5 with ``subspace="bottom"``).
+
+    y_b = V_k z_b, z_b ~ N(0, I_k), V_k the top-k (or bottom-k) right singular vectors of
+    W̃_b; Cov(y_b) = V_k V_kᵀ.  See :class:`~guessgrad.guesses.WPerpGuess` for the options and
+    for where the code departs from the paper.
+
+    Args:
+        k: subspace size (paper default and best: 10), or ``"rank"``.
+        subspace: ``"top"`` or ``"bottom"``.
+        solver: ``"svd"`` (exact, the paper's) or ``"subspace"`` (block Krylov, fast).
+        depth, block: block Krylov depth and block size for ``solver="subspace"``.
+    """
+
+    name = "w-perp"
+
+    def __init__(
+        self,
+        k: int | Literal["rank"] = 10,
+        subspace: Literal["top", "bottom"] = "top",
+        solver: str = "svd",
+        *,
+        depth: int = DEFAULT_DEPTH,
+        block: int | None = None,
+    ) -> None:
+        super().__init__(WPerpGuess(k, subspace, solver, depth=depth, block=block))
+
+    def options(self) -> dict[str, Any]:
+        g = self.guess
+        assert isinstance(g, WPerpGuess)
+        opts: dict[str, Any] = {"k": g.k, "subspace": g.subspace, "solver": g.solver}
+        if g.solver == "subspace":
+            opts.update(depth=g.depth, block=g.block)
+        return opts
+
+
+class WPrecond(ForwardGradient):
+    """W̃P (PAPER.md §2.7): y = (W̃_σᵀW̃_σ)^{-1/2} W̃_σᵀ ε, the unbiased control.
+
+    Args:
+        sigma: σ of W̃_σ = U (Λ² + σI)^{1/2} Vᵀ (paper: 1e-5).
+    """
+
+    name = "w-precond"
+
+    def __init__(self, sigma: float = 1e-5) -> None:
+        super().__init__(WPrecondGuess(sigma))
+
+    def options(self) -> dict[str, Any]:
+        g = self.guess
+        assert isinstance(g, WPrecondGuess)
+        return {"sigma": g.sigma}

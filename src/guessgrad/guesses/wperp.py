@@ -1,0 +1,131 @@
+"""The W̃⊥ guess (PAPER.md §2.4) and its bottom-k control (§2.5).
+
+With the SVD W̃_b = U Λ Vᵀ and V_k the right singular vectors of the k largest singular
+values, the paper guesses
+
+    y_b = V_k U_kᵀ ε_b,   ε_b ~ N(0, I_{d_{i+2}}),   so   Cov(y_b) = V_k V_kᵀ,
+
+the orthogonal projector on the top-k right singular subspace of W̃_b.  Argument map:
+``k`` = k, ``subspace="top"|"bottom"`` picks the largest or smallest singular values.
+
+Departure (same law): since U_kᵀ ε_b ~ N(0, I_k), the code draws z_b ~ N(0, I_k) and
+returns y_b = V_k z_b; it never needs U.  ``solver`` picks how V_k is computed:
+
+- ``"svd"``: exact batched SVD of the dense W̃_b (the paper's construction, slow);
+- ``"subspace"``: block Krylov from matrix products (:mod:`guessgrad.solvers.subspace`), exact
+  closed form where the next layer has at most k rows.
+
+``k="rank"`` (Table 1's "k = rank") takes every direction with a nonzero singular value,
+per example (``solver="svd"`` only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ..solvers.subspace import DEFAULT_DEPTH, block_krylov, exact_row_space, orthonormalize_rows
+from ..solvers.svd import bottom_right_singular, rank_right_singular, top_right_singular
+from .base import Guess, Site, gaussian
+
+__all__ = ["WPerpGuess", "SOLVERS"]
+
+#: solver names accepted by ``WPerpGuess``
+SOLVERS = ("svd", "subspace")
+
+
+class WPerpGuess(Guess):
+    """y_b = V_k z_b, z_b ~ N(0, I_k): guesses in the top-k (or bottom-k) subspace of W̃_b.
+
+    Args:
+        k: subspace size k ≥ 1, or ``"rank"``.
+        subspace: ``"top"`` (W̃⊥) or ``"bottom"`` (the W̃⊥-bottom control).
+        solver: ``"svd"`` or ``"subspace"``.
+        depth: block Krylov depth for ``solver="subspace"`` (cost: depth + 1 block products).
+        block: Krylov block size for ``solver="subspace"``; defaults to k.
+    """
+
+    needs_jacobian = True
+
+    def __init__(
+        self,
+        k: int | Literal["rank"] = 10,
+        subspace: Literal["top", "bottom"] = "top",
+        solver: str = "svd",
+        *,
+        depth: int = DEFAULT_DEPTH,
+        block: int | None = None,
+    ) -> None:
+        if k != "rank" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"k must be a positive integer or 'rank', got k={k!r}")
+        if subspace not in ("top", "bottom"):
+            raise ValueError(f"subspace must be 'top' or 'bottom', got subspace={subspace!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; available: {', '.join(SOLVERS)}")
+        if solver != "svd" and (subspace == "bottom" or k == "rank"):
+            raise ValueError(
+                f"solver={solver!r} computes top-k subspaces only; subspace='bottom' and "
+                "k='rank' need solver='svd'"
+            )
+        if k == "rank" and subspace == "bottom":
+            raise ValueError("k='rank' is defined for subspace='top' only")
+        if not isinstance(depth, int) or depth < 0:
+            raise ValueError(f"depth must be a non-negative integer, got depth={depth!r}")
+        if block is not None and (not isinstance(block, int) or block < 1):
+            raise ValueError(f"block must be a positive integer, got block={block!r}")
+        if block is not None and isinstance(k, int) and block * (depth + 1) < k:
+            raise ValueError(
+                f"block·(depth + 1) = {block * (depth + 1)} is smaller than k={k}: the Krylov "
+                "space cannot hold k directions"
+            )
+        self.k = k
+        self.subspace = subspace
+        self.solver = solver
+        self.depth = depth
+        self.block = block
+
+    def basis(self, site: Site, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """Rows spanning the guessing subspace, ``(B, r, n)``, and the state updates."""
+        jac = site.jacobian
+        assert jac is not None
+        if self.solver == "svd":
+            w = jac.dense()  # (B, m, n)
+            if self.k == "rank":
+                return rank_right_singular(w), {}
+            if self.subspace == "bottom":
+                return bottom_right_singular(w, self.k), {}
+            return top_right_singular(w, self.k), {}
+        k = int(self.k)
+        if jac.rows <= k:
+            return exact_row_space(jac, k), {}
+        b = min(self.block or k, jac.rows)
+        start = state.get("start")
+        if start is None or start.shape != (b, jac.rows):
+            start = _initial_start(b, jac.rows, jac.dtype, jac.device)
+        basis, next_start = block_krylov(jac, min(k, jac.cols), start, depth=self.depth)
+        return basis, {"start": next_start}
+
+    def sample(
+        self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
+    ) -> Tensor:
+        basis, update = self.basis(site, state)
+        state.update(update)
+        z = gaussian((site.batch, 1, basis.shape[1]), site.s, generator)  # (B, 1, r)
+        return (z @ basis).squeeze(1)  # (B, n)
+
+    def covariance(self, site: Site, state: dict[str, Any]) -> Tensor:
+        basis, _ = self.basis(site, state)
+        return basis.mT @ basis  # (B, n, n)
+
+    def __repr__(self) -> str:
+        return f"WPerpGuess(k={self.k!r}, subspace={self.subspace!r}, solver={self.solver!r})"
+
+
+def _initial_start(b: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    # A fixed-seed random start: deterministic, and it neither reads nor advances the
+    # caller's generator, so covariance() and sample() see the same basis.
+    fixed = torch.Generator().manual_seed(0)
+    start = torch.randn(b, m, generator=fixed, dtype=torch.float64).to(dtype=dtype, device=device)
+    return orthonormalize_rows(start.unsqueeze(0))[0]

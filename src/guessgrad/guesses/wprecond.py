@@ -1,0 +1,64 @@
+"""The W̃P guess: preconditioned W̃ᵀ, the paper's unbiased control (PAPER.md §2.7).
+
+With the reduced SVD W̃_b = U Λ Vᵀ (r = min(m, n) singular values) and
+W̃_σ = U (Λ² + σI)^{1/2} Vᵀ, the paper guesses
+
+    y_b = (W̃_σᵀ W̃_σ)^{-1/2} W̃_σᵀ ε_b,   ε_b ~ N(0, I_m).
+
+Argument map: ``sigma`` = σ (paper: 1e-5).  (W̃_σᵀW̃_σ)^{-1/2} is taken on the range of V
+(pseudo-inverse square root), which is the only reading under which it exists when r < n.
+
+Algebra the code makes visible: the σ-factors cancel, y_b = V Uᵀ ε_b, and
+
+    Cov(y_b) = V Vᵀ,
+
+the projector on the r-dimensional right singular space.  For square W̃_b (hidden layers of
+equal width) r = n and Cov = I: unbiased, as the paper says.  For a wide W̃_b (the last
+hidden layer, m = 10 classes) Cov is a rank-10 projector, the same as W̃⊥ with k ≥ 10.  See
+``docs/wprecond.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import Guess, Site, gaussian
+
+__all__ = ["WPrecondGuess"]
+
+
+class WPrecondGuess(Guess):
+    """y_b = (W̃_σᵀ W̃_σ)^{-1/2} W̃_σᵀ ε_b, computed from one batched SVD per step."""
+
+    needs_jacobian = True
+
+    def __init__(self, sigma: float = 1e-5) -> None:
+        if not isinstance(sigma, (int, float)) or not sigma > 0 or sigma == float("inf"):
+            raise ValueError(f"sigma must be a positive finite number, got sigma={sigma!r}")
+        self.sigma = float(sigma)
+
+    def factor(self, site: Site) -> Tensor:
+        """F_b with y_b = F_bᵀ ε_b and Cov(y_b) = F_bᵀ F_b, ``(B, m, n)``."""
+        assert site.jacobian is not None
+        u, lam, vh = torch.linalg.svd(site.jacobian.dense(), full_matrices=False)
+        shifted = lam.square() + self.sigma  # (B, r): eigenvalues of W̃_σᵀ W̃_σ on span V
+        # W̃_σᵀ contributes (Λ²+σ)^{1/2}, the inverse square root (Λ²+σ)^{-1/2}
+        gain = shifted.sqrt() * shifted.rsqrt()  # (B, r), = 1 up to rounding
+        return (u * gain.unsqueeze(1)) @ vh
+
+    def sample(
+        self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
+    ) -> Tensor:
+        f = self.factor(site)  # (B, m, n)
+        eps = gaussian((site.batch, 1, f.shape[1]), site.s, generator)
+        return (eps @ f).squeeze(1)
+
+    def covariance(self, site: Site, state: dict[str, Any]) -> Tensor:
+        f = self.factor(site)
+        return f.mT @ f
+
+    def __repr__(self) -> str:
+        return f"WPrecondGuess(sigma={self.sigma!r})"

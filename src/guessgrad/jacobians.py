@@ -1,0 +1,114 @@
+"""Per-example upstream Jacobians W̃_b, applied matrix-free.
+
+PAPER.md §2.3: by the chain rule the pre-activation gradient of hidden layer i is
+
+    g_i^b = M_i^b W_{i+1}ᵀ g_{i+1}^b = W̃_bᵀ g_{i+1}^b,     W̃_b = W_{i+1} M_i^b,
+
+with M_i^b the diagonal ReLU-derivative mask of example b.  W̃_b is an (m × n) matrix,
+m = d_{i+2} rows (the next layer's width) and n = d_{i+1} columns (this layer's width).
+
+Guesses and solvers only ever touch W̃ through this small interface (``apply``,
+``apply_t``, ``gram_apply`` and, for exact reference solvers, ``dense``), so that a
+convolutional or residual block can supply its own Jacobian without changing them.
+
+Vectors are batched with the example first and the coordinate last: a block of p vectors
+per example has shape ``(B, p, n)``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = ["UpstreamJacobian", "MaskedLinearJacobian"]
+
+
+@runtime_checkable
+class UpstreamJacobian(Protocol):
+    """The per-example upstream Jacobians W̃_b, b = 1..B, each (rows × cols)."""
+
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def cols(self) -> int: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def apply(self, v: Tensor) -> Tensor:
+        """W̃_b v_b: ``(B, ..., cols) -> (B, ..., rows)``."""
+        ...
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        """W̃_bᵀ u_b: ``(B, ..., rows) -> (B, ..., cols)``."""
+        ...
+
+    def gram_apply(self, v: Tensor) -> Tensor:
+        """G_b v_b with G_b = W̃_bᵀ W̃_b: ``(B, ..., cols) -> (B, ..., cols)``."""
+        ...
+
+    def dense(self) -> Tensor:
+        """All W̃_b as one ``(B, rows, cols)`` tensor (for exact reference solvers)."""
+        ...
+
+
+class MaskedLinearJacobian:
+    """W̃_b = W M_b for a linear next layer W (m × n) and 0/1 masks M_b = diag(mask[b]).
+
+    ``apply``/``apply_t`` cost one (B·p × n)·(n × m) matrix product for the whole batch:
+    the weight is shared and only the cheap elementwise mask is per example.
+    """
+
+    def __init__(self, weight: Tensor, mask: Tensor) -> None:
+        if weight.dim() != 2 or mask.dim() != 2 or mask.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"need weight (m, n) and mask (B, n), got {tuple(weight.shape)} and "
+                f"{tuple(mask.shape)}"
+            )
+        self.weight = weight  # (m, n)
+        self.mask = mask  # (B, n), entries 0 or 1
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def rows(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def _mask_like(self, v: Tensor) -> Tensor:
+        return self.mask.view(self.batch, *([1] * (v.dim() - 2)), self.cols)
+
+    def apply(self, v: Tensor) -> Tensor:
+        return (v * self._mask_like(v)) @ self.weight.T
+
+    def apply_t(self, u: Tensor) -> Tensor:
+        v = u @ self.weight
+        return v * self._mask_like(v)
+
+    def gram_apply(self, v: Tensor) -> Tensor:
+        return self.apply_t(self.apply(v))
+
+    def dense(self) -> Tensor:
+        return self.weight.unsqueeze(0) * self.mask.unsqueeze(1)  # (B, m, n)

@@ -1,0 +1,93 @@
+"""Models the estimators understand, and the check that a model is one of them.
+
+PAPER.md §1: a ReLU MLP with layers i = 1..l,
+
+    s_i = W_i x_i + b_i,    x_{i+1} = ReLU(s_i),
+
+whose logits are s_l.  Every estimator accepts an ``nn.Sequential`` that alternates
+``nn.Linear`` and ``nn.ReLU`` and ends in ``nn.Linear``, with or without biases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["MLP", "linear_layers"]
+
+_SUPPORTED = (
+    "an nn.Sequential that alternates nn.Linear and nn.ReLU and ends in nn.Linear "
+    "(e.g. guessgrad.MLP([40, 128, 128, 128, 10]))"
+)
+
+
+def MLP(widths: Sequence[int], bias: bool = True) -> nn.Sequential:  # noqa: N802 - a model constructor
+    """ReLU MLP ``widths[0] -> widths[1] -> ... -> widths[-1]``.
+
+    PyTorch's default initialisation for the weights; biases start at zero (PAPER.md §4).
+
+    Args:
+        widths: layer widths, input first and number of classes last; at least two entries.
+        bias: whether the linear layers have biases.
+    """
+    widths = list(widths)
+    if len(widths) < 2:
+        raise ValueError(f"MLP needs at least an input and an output width, got widths={widths}")
+    for w in widths:
+        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+            raise ValueError(f"MLP widths must be positive integers, got widths={widths}")
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+        linear = nn.Linear(n_in, n_out, bias=bias)
+        if bias:
+            nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers of a supported model, in order.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Sequential``, or holds a module other than
+            ``nn.Linear``/``nn.ReLU``; the message names the offending module.
+        ValueError: the modules are of supported types but in an unsupported order or with
+            mismatched widths.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"unsupported model {type(model).__name__}: expected {_SUPPORTED}")
+    modules = list(model.named_children())
+    if not modules:
+        raise ValueError(f"empty nn.Sequential: expected {_SUPPORTED}")
+    linears: list[nn.Linear] = []
+    for pos, (name, module) in enumerate(modules):
+        want = nn.Linear if pos % 2 == 0 else nn.ReLU
+        if type(module) not in (nn.Linear, nn.ReLU):
+            raise TypeError(
+                f"unsupported module {name!r} ({type(module).__name__}) at position {pos}: "
+                f"expected {_SUPPORTED}"
+            )
+        if not isinstance(module, want):
+            raise ValueError(
+                f"module {name!r} at position {pos} is {type(module).__name__} but "
+                f"{want.__name__} was expected there: expected {_SUPPORTED}"
+            )
+        if isinstance(module, nn.ReLU) and module.inplace:
+            raise ValueError(f"module {name!r}: in-place ReLU is not supported, use nn.ReLU()")
+        if isinstance(module, nn.Linear):
+            if linears and linears[-1].out_features != module.in_features:
+                raise ValueError(
+                    f"module {name!r} expects {module.in_features} inputs but the previous "
+                    f"layer gives {linears[-1].out_features}"
+                )
+            linears.append(module)
+    if isinstance(modules[-1][1], nn.ReLU):
+        raise ValueError(f"model ends in nn.ReLU {modules[-1][0]!r}: expected {_SUPPORTED}")
+    dtypes = {p.dtype for lin in linears for p in lin.parameters()}
+    if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64}:
+        raise TypeError(f"model parameters must all be float32 or all float64, got {dtypes}")
+    return linears

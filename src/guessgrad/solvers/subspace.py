@@ -1,0 +1,156 @@
+"""Fast top-k right-singular subspaces of all W̃_b from large matrix products.
+
+The top-k right singular subspace of W̃_b is the top-k eigenspace of the Gram matrix
+G_b = W̃_bᵀ W̃_b (for an MLP, G_b = M_b W_{i+1}ᵀ W_{i+1} M_b).  A randomized block Krylov method with
+Rayleigh–Ritz (Musco & Musco 2015, "Randomized block Krylov methods for stronger and faster
+approximate SVD"; Saad, *Numerical Methods for Large Eigenvalue Problems*, §6) touches G_b
+only through ``jacobian.apply``/``apply_t`` on a block of b vectors per example, which for the
+whole batch is one (B·b × n)·(n × m) product: large, fast matrix products.  The only
+factorizations are batched small symmetric eigendecompositions (at most b·(depth+1) wide),
+never an SVD or QR of a tall matrix.  Krylov spaces converge with the square root of the
+spectral gap, which matters here: at initialisation the top of the spectrum of G_b is flat.
+
+Warm start: every example starts from Q_b = W̃_bᵀ R with one shared block R (b × m) that
+tracks the top-b eigenspace of the batch mean of W̃_b W̃_bᵀ across steps, by one power step
+per call whose product (W̃_b W̃_bᵀ R) is computed anyway.
+
+Departure from the exact solver: where G_b has fewer than k nonzero eigenvalues (an example
+with fewer active units than k), the rows beyond its rank are returned as zero instead of
+arbitrary null-space directions, so the guess lives in the range of W̃_b only.  The gradient
+has no component in the null space, so the bias is the same and the variance smaller.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..jacobians import UpstreamJacobian
+
+__all__ = [
+    "orthonormalize_rows",
+    "rayleigh_ritz",
+    "block_krylov",
+    "exact_row_space",
+    "DEFAULT_DEPTH",
+]
+
+#: block Krylov depth: the search space is span{Q, GQ, …, G^depth Q}
+DEFAULT_DEPTH = 2
+
+
+def _rtol(dtype: torch.dtype) -> float:
+    # relative eigenvalue floor below which a direction counts as numerically zero
+    return 1e3 * torch.finfo(dtype).eps
+
+
+def _lowdin(q: Tensor) -> Tensor:
+    """C with C q orthonormal rows: C = Λ^{-1/2} Uᵀ from q qᵀ = U Λ Uᵀ, ``(B, p, p)``.
+
+    Numerically zero eigenvalues give zero rows of C instead of NaN.
+    """
+    gram = q @ q.mT  # (B, p, p)
+    lam, u = torch.linalg.eigh(gram)
+    floor = _rtol(q.dtype) * lam[..., -1:].clamp_min(torch.finfo(q.dtype).tiny)
+    scale = torch.where(lam > floor, lam.clamp_min(torch.finfo(q.dtype).tiny).rsqrt(), 0.0)
+    return (u * scale.unsqueeze(-2)).mT
+
+
+def orthonormalize_rows(q: Tensor) -> Tensor:
+    """Orthonormal rows spanning the rows of each ``q[b]``, ``(B, p, n) -> (B, p, n)``.
+
+    Symmetric (Löwdin) orthonormalisation Q ← Λ^{-1/2} Uᵀ Q from the p × p Gram Q Qᵀ = U Λ Uᵀ.
+    Rank-deficient blocks give zero rows for the numerically zero eigenvalues instead of NaN.
+    """
+    return _lowdin(q) @ q
+
+
+def rayleigh_ritz(q: Tensor, gq: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k Ritz pairs of G on the row span of orthonormal ``q``, given ``gq`` = G q.
+
+    Returns ``(values (B, k), vectors (B, k, n))``, largest first; vectors of numerically
+    zero Ritz values are returned as zero rows.
+    """
+    t = q @ gq.mT  # (B, p, p) = Qᵀ G Q
+    t = 0.5 * (t + t.mT)
+    lam, u = torch.linalg.eigh(t)  # ascending
+    lam, u = lam[..., -k:].flip(-1), u[..., -k:].flip(-1)  # (B, k), (B, p, k)
+    vectors = u.mT @ q  # (B, k, n)
+    floor = _rtol(q.dtype) * lam[..., :1].clamp_min(torch.finfo(q.dtype).tiny)
+    keep = (lam > floor).to(q.dtype)
+    return lam * keep, vectors * keep.unsqueeze(-1)
+
+
+def _fill_rows(new: Tensor, old: Tensor) -> Tensor:
+    # keep old directions where the mean Gram gave (numerically) zero rows, so the
+    # warm start never loses rank
+    dead = new.norm(dim=1) == 0
+    if not bool(dead.any()):
+        return new
+    return orthonormalize_rows(torch.where(dead.unsqueeze(1), old, new).unsqueeze(0))[0]
+
+
+def block_krylov(
+    jacobian: UpstreamJacobian,
+    k: int,
+    start: Tensor,
+    *,
+    depth: int = DEFAULT_DEPTH,
+) -> tuple[Tensor, Tensor]:
+    """Approximate top-k right singular vectors of every W̃_b by block Krylov + Rayleigh–Ritz.
+
+    The search space of example b is the block Krylov space
+    K_b = span{Q_b, G_b Q_b, …, G_b^depth Q_b} with Q_b = W̃_bᵀ R (R the shared warm start),
+    of dimension b·(depth + 1) where b = ``start.shape[0]``.
+
+    Args:
+        jacobian: the W̃_b, batch B, shape m × n.
+        k: subspace size (≤ b·(depth + 1)).
+        start: ``(b, m)`` orthonormal rows R in the *row* space of the next layer (left
+            singular side), shared by all examples.
+        depth: Krylov depth q ≥ 0; the cost is q + 1 block products with G_b.
+
+    Returns:
+        ``(basis (B, k, n), next_start (b, m))``: orthonormal rows (zero rows past the rank)
+        and the warm start for the next call, one power step of the batch-mean
+        W̃_b W̃_bᵀ applied to R.
+    """
+    bsz, b = jacobian.batch, start.shape[0]
+    x = jacobian.apply_t(start.unsqueeze(0).expand(bsz, b, -1))  # (B, b, n) = W̃ᵀR
+    h = jacobian.apply(x)  # (B, b, m) = W̃ W̃ᵀ R
+    next_start = _fill_rows(orthonormalize_rows(h.mean(0, keepdim=True))[0], start)
+    gx = jacobian.apply_t(h)  # (B, b, n) = G x
+    c = _lowdin(x)  # (B, b, b): Q = C x is orthonormal
+    blocks, gblocks = [c @ x], [c @ gx]
+    for _ in range(depth):
+        basis = torch.cat(blocks, dim=1)  # (B, b·j, n)
+        v = gblocks[-1]
+        for _ in range(2):  # block Gram–Schmidt, twice for orthogonality in float32
+            v = v - (v @ basis.mT) @ basis
+        q = orthonormalize_rows(v)
+        blocks.append(q)
+        gblocks.append(jacobian.gram_apply(q))
+    _, vectors = rayleigh_ritz(torch.cat(blocks, dim=1), torch.cat(gblocks, dim=1), k)
+    return vectors, next_start
+
+
+def exact_row_space(jacobian: UpstreamJacobian, k: int) -> Tensor:
+    """Exact top-k right singular vectors when W̃_b has few rows (closed form).
+
+    With the small row Gram W̃_b W̃_bᵀ = U Λ Uᵀ (m × m), the right singular vectors are
+    V = W̃_bᵀ U Λ^{-1/2}.  For the last hidden layer of a classifier (m = number of classes
+    ≤ k) this is the whole row space of W̃_b, computed with m matrix-vector products and one
+    batched m × m eigendecomposition.
+
+    Returns ``(B, min(k, m), n)`` orthonormal rows, largest singular value first; zero rows
+    for numerically zero singular values.
+    """
+    bsz, m = jacobian.batch, jacobian.rows
+    eye = torch.eye(m, dtype=jacobian.dtype, device=jacobian.device).expand(bsz, m, m)
+    wt = jacobian.apply_t(eye)  # (B, m, n): rows are W̃_bᵀ e_j
+    gram = wt @ wt.mT  # (B, m, m) = W̃_b W̃_bᵀ
+    lam, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
+    lam, u = lam.flip(-1)[..., :k], u.flip(-1)[..., :k]
+    floor = _rtol(gram.dtype) * lam[..., :1].clamp_min(torch.finfo(gram.dtype).tiny)
+    scale = torch.where(lam > floor, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
+    return (u * scale.unsqueeze(-2)).mT @ wt
