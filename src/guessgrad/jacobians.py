@@ -60,15 +60,27 @@ class UpstreamJacobian(Protocol):
         """All W̃_b as one ``(B, rows, cols)`` tensor (for exact reference solvers)."""
         ...
 
+    def select(self, examples: slice) -> UpstreamJacobian:
+        """The Jacobians of a slice of the examples."""
+        ...
+
+    def restrict(self, v: Tensor) -> Tensor:
+        """P_b v_b for a cheap orthogonal projector P_b with W̃_b P_b = W̃_b (so the row space
+        of W̃_b, where the gradient lies, is inside its range): ``(B, ..., cols)``.
+        The identity is always valid; ReLU masks give a better one for free."""
+        ...
+
 
 class MaskedLinearJacobian:
     """W̃_b = W M_b for a linear next layer W (m × n) and 0/1 masks M_b = diag(mask[b]).
 
     ``apply``/``apply_t`` cost one (B·p × n)·(n × m) matrix product for the whole batch:
-    the weight is shared and only the cheap elementwise mask is per example.
+    the weight is shared and only the cheap elementwise mask is per example.  ``gram_apply``
+    uses the shared Gram A = WᵀW (computed once per object) when that is cheaper:
+    G_b v = M_b A M_b v costs n² per vector against 2mn for W then Wᵀ.
     """
 
-    def __init__(self, weight: Tensor, mask: Tensor) -> None:
+    def __init__(self, weight: Tensor, mask: Tensor, gram: Tensor | None = None) -> None:
         if weight.dim() != 2 or mask.dim() != 2 or mask.shape[1] != weight.shape[1]:
             raise ValueError(
                 f"need weight (m, n) and mask (B, n), got {tuple(weight.shape)} and "
@@ -76,6 +88,7 @@ class MaskedLinearJacobian:
             )
         self.weight = weight  # (m, n)
         self.mask = mask  # (B, n), entries 0 or 1
+        self._gram = gram  # (n, n) WᵀW, shared by select()
 
     @property
     def batch(self) -> int:
@@ -108,7 +121,20 @@ class MaskedLinearJacobian:
         return v * self._mask_like(v)
 
     def gram_apply(self, v: Tensor) -> Tensor:
-        return self.apply_t(self.apply(v))
+        if 2 * self.rows <= self.cols:
+            return self.apply_t(self.apply(v))
+        if self._gram is None:
+            self._gram = self.weight.T @ self.weight  # (n, n)
+        mask = self._mask_like(v)
+        return ((v * mask) @ self._gram) * mask
+
+    def restrict(self, v: Tensor) -> Tensor:
+        return v * self._mask_like(v)
 
     def dense(self) -> Tensor:
         return self.weight.unsqueeze(0) * self.mask.unsqueeze(1)  # (B, m, n)
+
+    def select(self, examples: slice) -> MaskedLinearJacobian:
+        if self._gram is None and 2 * self.rows > self.cols:
+            self._gram = self.weight.T @ self.weight
+        return MaskedLinearJacobian(self.weight, self.mask[examples], self._gram)

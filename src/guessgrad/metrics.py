@@ -132,10 +132,11 @@ def diagnose(
     Every draw starts from the estimator's current state (a copy): diagnosing does not
     advance warm starts or counters, and all draws share one covariance per example.
     """
-    if not isinstance(samples, int) or samples < 1:
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got samples={samples!r}")
     layers = linear_layers(model)
     check_batch(layers, x, y)
+    y = y.long()  # any integer labels: cross-entropy and label indexing need int64
     g_true, w_true = true_gradients(layers, x, y)
     hidden = range(len(layers) - 1)
     if k is None:

@@ -73,6 +73,7 @@ class Estimator(ABC):
         """Write gradient estimates into ``p.grad`` and return the loss (detached, 0-d)."""
         layers = linear_layers(model)
         check_batch(layers, x, y)
+        y = y.long()  # any integer labels: cross-entropy and label indexing need int64
         with torch.no_grad():
             loss, grads = self._estimate(layers, x, y, generator)
         for param, grad in grads:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..guesses import Guess, IsotropicGuess, Site, WPerpGuess, WPrecondGuess, WTransposeGuess
+from ..guesses.wperp import DEFAULT_CHUNK
 from ..solvers.subspace import DEFAULT_DEPTH
 from .base import Estimator
 from .forward_mode import TangentPass, tangent_forward
@@ -69,7 +70,8 @@ class ForwardGradient(Estimator):
                 on_site(site, guess, state)
             return guess.sample(site, state, generator=generator)
 
-        return tangent_forward(layers, x, y, inject)
+        with torch.no_grad():
+            return tangent_forward(layers, x, y, inject)
 
     def _estimate(
         self, layers: list[nn.Linear], x: Tensor, y: Tensor, generator: torch.Generator | None
@@ -122,7 +124,8 @@ class WPerp(ForwardGradient):
         k: subspace size (paper default and best: 10), or ``"rank"``.
         subspace: ``"top"`` or ``"bottom"``.
         solver: ``"svd"`` (exact, the paper's) or ``"subspace"`` (block Krylov, fast).
-        depth, block: block Krylov depth and block size for ``solver="subspace"``.
+        depth, block, chunk: block Krylov depth, block size and examples per solve for
+            ``solver="subspace"``.
     """
 
     name = "w-perp"
@@ -135,15 +138,16 @@ class WPerp(ForwardGradient):
         *,
         depth: int = DEFAULT_DEPTH,
         block: int | None = None,
+        chunk: int | None = DEFAULT_CHUNK,
     ) -> None:
-        super().__init__(WPerpGuess(k, subspace, solver, depth=depth, block=block))
+        super().__init__(WPerpGuess(k, subspace, solver, depth=depth, block=block, chunk=chunk))
 
     def options(self) -> dict[str, Any]:
         g = self.guess
         assert isinstance(g, WPerpGuess)
         opts: dict[str, Any] = {"k": g.k, "subspace": g.subspace, "solver": g.solver}
         if g.solver == "subspace":
-            opts.update(depth=g.depth, block=g.block)
+            opts.update(depth=g.depth, block=g.block, chunk=g.chunk)
         return opts
 
 
@@ -152,14 +156,15 @@ class WPrecond(ForwardGradient):
 
     Args:
         sigma: σ of W̃_σ = U (Λ² + σI)^{1/2} Vᵀ (paper: 1e-5).
+        solver: ``"closed-form"`` (same law, no SVD) or ``"svd"`` (the literal formula).
     """
 
     name = "w-precond"
 
-    def __init__(self, sigma: float = 1e-5) -> None:
-        super().__init__(WPrecondGuess(sigma))
+    def __init__(self, sigma: float = 1e-5, solver: str = "closed-form") -> None:
+        super().__init__(WPrecondGuess(sigma, solver))
 
     def options(self) -> dict[str, Any]:
         g = self.guess
         assert isinstance(g, WPrecondGuess)
-        return {"sigma": g.sigma}
+        return {"sigma": g.sigma, "solver": g.solver}

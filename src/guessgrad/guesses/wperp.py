@@ -16,7 +16,12 @@ returns y_b = V_k z_b; it never needs U.  ``solver`` picks how V_k is computed:
   closed form where the next layer has at most k rows.
 
 ``k="rank"`` (Table 1's "k = rank") takes every direction with a nonzero singular value,
-per example (``solver="svd"`` only).
+per example: the whole row space of W̃_b, which contains g_b, so the guess is unbiased.
+With ``solver="subspace"`` it is computed without any SVD: for a next layer with m ≥ n rows
+and full column rank, the row space of W̃_b = W_{i+1} M_b is exactly the span of the active
+units (any set of columns of a full-column-rank matrix is independent), so the guess is
+y_b = M_b z_b, activation perturbation restricted to the active units; for m < n the closed
+form of :func:`~guessgrad.solvers.subspace.exact_row_space` gives the m-dimensional row space.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ..jacobians import UpstreamJacobian
 from ..solvers.subspace import DEFAULT_DEPTH, block_krylov, exact_row_space, orthonormalize_rows
 from ..solvers.svd import bottom_right_singular, rank_right_singular, top_right_singular
 from .base import Guess, Site, gaussian
@@ -34,6 +40,8 @@ __all__ = ["WPerpGuess", "SOLVERS"]
 
 #: solver names accepted by ``WPerpGuess``
 SOLVERS = ("svd", "subspace")
+#: examples per block Krylov solve: bounds the solver's memory, keeps products large
+DEFAULT_CHUNK = 64
 
 
 class WPerpGuess(Guess):
@@ -45,6 +53,9 @@ class WPerpGuess(Guess):
         solver: ``"svd"`` or ``"subspace"``.
         depth: block Krylov depth for ``solver="subspace"`` (cost: depth + 1 block products).
         block: Krylov block size for ``solver="subspace"``; defaults to k.
+        chunk: examples solved at once by ``solver="subspace"``; bounds the solver's extra
+            memory to about 4·chunk·block·(depth + 1)·n numbers instead of growing with the
+            batch.  ``None`` solves the whole batch at once.
     """
 
     needs_jacobian = True
@@ -57,17 +68,20 @@ class WPerpGuess(Guess):
         *,
         depth: int = DEFAULT_DEPTH,
         block: int | None = None,
+        chunk: int | None = DEFAULT_CHUNK,
     ) -> None:
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be a positive integer or None, got chunk={chunk!r}")
         if k != "rank" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ValueError(f"k must be a positive integer or 'rank', got k={k!r}")
         if subspace not in ("top", "bottom"):
             raise ValueError(f"subspace must be 'top' or 'bottom', got subspace={subspace!r}")
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; available: {', '.join(SOLVERS)}")
-        if solver != "svd" and (subspace == "bottom" or k == "rank"):
+        if solver != "svd" and subspace == "bottom":
             raise ValueError(
-                f"solver={solver!r} computes top-k subspaces only; subspace='bottom' and "
-                "k='rank' need solver='svd'"
+                f"solver={solver!r} computes top-k subspaces only; subspace='bottom' needs "
+                "solver='svd'"
             )
         if k == "rank" and subspace == "bottom":
             raise ValueError("k='rank' is defined for subspace='top' only")
@@ -85,6 +99,7 @@ class WPerpGuess(Guess):
         self.solver = solver
         self.depth = depth
         self.block = block
+        self.chunk = chunk
 
     def basis(self, site: Site, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Rows spanning the guessing subspace, ``(B, r, n)``, and the state updates."""
@@ -97,19 +112,46 @@ class WPerpGuess(Guess):
             if self.subspace == "bottom":
                 return bottom_right_singular(w, self.k), {}
             return top_right_singular(w, self.k), {}
+        if self.k == "rank":
+            if jac.rows < jac.cols:
+                return exact_row_space(jac, jac.rows), {}
+            eye = torch.eye(jac.cols, dtype=jac.dtype, device=jac.device)
+            return jac.restrict(eye.expand(jac.batch, -1, -1)), {}  # (B, n, n) = M_b
         k = int(self.k)
         if jac.rows <= k:
             return exact_row_space(jac, k), {}
-        b = min(self.block or k, jac.rows)
+        parts = list(self._krylov_chunks(jac, state))
+        return torch.cat([basis for _, basis in parts], dim=0), {"start": parts[0][0]}
+
+    def _krylov_chunks(self, jac: UpstreamJacobian, state: dict[str, Any]):
+        """Yield ``(next_start, basis)`` per chunk of examples (block Krylov solver)."""
+        k = int(self.k)
+        b = min(self.block or k, jac.cols)
         start = state.get("start")
-        if start is None or start.shape != (b, jac.rows):
-            start = _initial_start(b, jac.rows, jac.dtype, jac.device)
-        basis, next_start = block_krylov(jac, min(k, jac.cols), start, depth=self.depth)
-        return basis, {"start": next_start}
+        if start is None or start.shape != (b, jac.cols):
+            start = _initial_start(b, jac.cols, jac.dtype, jac.device)
+        step = self.chunk or jac.batch
+        for lo in range(0, jac.batch, step):
+            part = jac.select(slice(lo, lo + step))
+            basis, next_start = block_krylov(part, min(k, jac.cols), start, depth=self.depth)
+            yield next_start, basis
 
     def sample(
         self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
     ) -> Tensor:
+        jac = site.jacobian
+        assert jac is not None
+        if self.solver == "subspace" and self.k == "rank" and jac.rows >= jac.cols:
+            return jac.restrict(gaussian((site.batch, site.width), site.s, generator))
+        if self.solver == "subspace" and self.k != "rank" and jac.rows > int(self.k):
+            # chunk by chunk, so that no (B, k, n) basis is ever held whole
+            ys, first = [], None
+            for next_start, basis in self._krylov_chunks(jac, state):
+                first = next_start if first is None else first
+                z = gaussian((basis.shape[0], 1, basis.shape[1]), site.s, generator)
+                ys.append((z @ basis).squeeze(1))
+            state["start"] = first
+            return torch.cat(ys, dim=0)  # (B, n)
         basis, update = self.basis(site, state)
         state.update(update)
         z = gaussian((site.batch, 1, basis.shape[1]), site.s, generator)  # (B, 1, r)

@@ -10,9 +10,10 @@ factorizations are batched small symmetric eigendecompositions (at most b·(dept
 never an SVD or QR of a tall matrix.  Krylov spaces converge with the square root of the
 spectral gap, which matters here: at initialisation the top of the spectrum of G_b is flat.
 
-Warm start: every example starts from Q_b = W̃_bᵀ R with one shared block R (b × m) that
-tracks the top-b eigenspace of the batch mean of W̃_b W̃_bᵀ across steps, by one power step
-per call whose product (W̃_b W̃_bᵀ R) is computed anyway.
+Warm start: every example starts from Q_b = P_b S, the shared block S (b × n) restricted to
+the coordinates that can carry gradient (for ReLU, the active units), and S tracks the top-b
+eigenspace of the batch-mean Gram across steps by one power step per call whose product
+(G_b Q_b) is computed anyway.
 
 Departure from the exact solver: where G_b has fewer than k nonzero eigenvalues (an example
 with fewer active units than k), the rows beyond its rank are returned as zero instead of
@@ -44,16 +45,21 @@ def _rtol(dtype: torch.dtype) -> float:
     return 1e3 * torch.finfo(dtype).eps
 
 
-def _lowdin(q: Tensor) -> Tensor:
+def _lowdin(q: Tensor, noise: Tensor | None = None) -> Tensor:
     """C with C q orthonormal rows: C = Λ^{-1/2} Uᵀ from q qᵀ = U Λ Uᵀ, ``(B, p, p)``.
 
-    Numerically zero eigenvalues give zero rows of C instead of NaN.
+    Numerically zero eigenvalues give zero rows of C instead of NaN: "zero" is below
+    ``_rtol`` times the largest eigenvalue, or below ``noise`` ``(B, 1)`` (a squared norm)
+    when given.
     """
     gram = q @ q.mT  # (B, p, p)
     lam, u = torch.linalg.eigh(gram)
-    floor = _rtol(q.dtype) * lam[..., -1:].clamp_min(torch.finfo(q.dtype).tiny)
-    scale = torch.where(lam > floor, lam.clamp_min(torch.finfo(q.dtype).tiny).rsqrt(), 0.0)
-    return (u * scale.unsqueeze(-2)).mT
+    floor = _rtol(q.dtype) * lam[..., -1:]
+    if noise is not None:
+        floor = torch.maximum(floor, noise)
+    floor = floor.clamp_min(torch.finfo(q.dtype).tiny)
+    inv_sqrt = torch.where(lam > floor, lam.clamp_min(torch.finfo(q.dtype).tiny).rsqrt(), 0.0)
+    return (u * inv_sqrt.unsqueeze(-2)).mT
 
 
 def orthonormalize_rows(q: Tensor) -> Tensor:
@@ -100,34 +106,39 @@ def block_krylov(
     """Approximate top-k right singular vectors of every W̃_b by block Krylov + Rayleigh–Ritz.
 
     The search space of example b is the block Krylov space
-    K_b = span{Q_b, G_b Q_b, …, G_b^depth Q_b} with Q_b = W̃_bᵀ R (R the shared warm start),
-    of dimension b·(depth + 1) where b = ``start.shape[0]``.
+    K_b = span{Q_b, G_b Q_b, …, G_b^depth Q_b} with Q_b = P_b S (S the shared warm start,
+    P_b = ``jacobian.restrict``, the ReLU mask for an MLP), of dimension b·(depth + 1) where
+    b = ``start.shape[0]``.
 
     Args:
         jacobian: the W̃_b, batch B, shape m × n.
         k: subspace size (≤ b·(depth + 1)).
-        start: ``(b, m)`` orthonormal rows R in the *row* space of the next layer (left
-            singular side), shared by all examples.
+        start: ``(b, n)`` orthonormal rows S shared by all examples.
         depth: Krylov depth q ≥ 0; the cost is q + 1 block products with G_b.
 
     Returns:
-        ``(basis (B, k, n), next_start (b, m))``: orthonormal rows (zero rows past the rank)
-        and the warm start for the next call, one power step of the batch-mean
-        W̃_b W̃_bᵀ applied to R.
+        ``(basis (B, k, n), next_start (b, n))``: orthonormal rows (zero rows past the rank)
+        and the warm start for the next call, orth(mean_b G_b Q_b), a power step of the
+        batch-mean Gram.
     """
     bsz, b = jacobian.batch, start.shape[0]
-    x = jacobian.apply_t(start.unsqueeze(0).expand(bsz, b, -1))  # (B, b, n) = W̃ᵀR
-    h = jacobian.apply(x)  # (B, b, m) = W̃ W̃ᵀ R
-    next_start = _fill_rows(orthonormalize_rows(h.mean(0, keepdim=True))[0], start)
-    gx = jacobian.apply_t(h)  # (B, b, n) = G x
-    c = _lowdin(x)  # (B, b, b): Q = C x is orthonormal
-    blocks, gblocks = [c @ x], [c @ gx]
+    x = jacobian.restrict(start.unsqueeze(0).expand(bsz, b, -1))  # (B, b, n) = P_b S
+    q = orthonormalize_rows(x)
+    gq = jacobian.gram_apply(q)  # (B, b, n)
+    next_start = _fill_rows(orthonormalize_rows(gq.mean(0, keepdim=True))[0], start)
+    blocks, gblocks = [q], [gq]
     for _ in range(depth):
         basis = torch.cat(blocks, dim=1)  # (B, b·j, n)
         v = gblocks[-1]
         for _ in range(2):  # block Gram–Schmidt, twice for orthogonality in float32
             v = v - (v @ basis.mT) @ basis
-        q = orthonormalize_rows(v)
+        # Once the Krylov space of an example is exhausted (rank(G_b) < b·j), v is rounding
+        # noise of size ~eps·‖G Q‖ inside span(basis); normalising it would duplicate
+        # directions already in basis, so directions below that noise level are dropped.
+        noise = _rtol(v.dtype) ** 2 * gblocks[-1].square().sum((1, 2)).unsqueeze(-1)  # (B, 1)
+        q = _lowdin(v, noise) @ v
+        # a small but genuine residual loses orthogonality to basis when normalised: restore it
+        q = orthonormalize_rows(q - (q @ basis.mT) @ basis)
         blocks.append(q)
         gblocks.append(jacobian.gram_apply(q))
     _, vectors = rayleigh_ritz(torch.cat(blocks, dim=1), torch.cat(gblocks, dim=1), k)

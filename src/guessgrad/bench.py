@@ -1,0 +1,280 @@
+"""``guessgrad bench``: step time, peak memory and subspace fidelity, side by side.
+
+For each method, in one process and on the same model and batch: a few warm-up steps, then
+the median and interquartile range of the wall time of one estimate-plus-``AdamW.step``
+(device-synchronised), the peak memory of one step, and for W̃⊥ solvers the subspace energy
+fidelity
+
+    F = mean_b tr(Vᵀ G_b V) / Σ_{j≤k} λ_j(G_b),    G_b = W̃_bᵀ W̃_b,
+
+(1.0 = the exact top-k subspace), averaged over the hidden layers whose subspace is not
+computed in closed form.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step minus the memory
+allocated before it.  On CPU (Linux), the peak resident set size of the process during one
+step minus the resident size before it, read from ``/proc/self/status`` after resetting the
+peak with ``/proc/self/clear_refs``; glibc's mmap threshold is fixed at 64 KiB first, so every
+tensor of that size or more is its own mapping, returned on free, and the resident size
+tracks the step's live allocations to within page granularity.  ``None`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import mnist1d
+from .estimators import Estimator, ForwardGradient, make_estimator
+from .guesses import Site, WPerpGuess
+from .metrics import subspace_fidelity
+from .models import MLP, linear_layers
+from .training import resolve_device
+
+__all__ = ["BenchRecord", "parse_method", "bench_method", "configure_parser", "main"]
+
+
+@dataclass(frozen=True)
+class BenchRecord:
+    method: str
+    solver: str | None
+    width: int
+    batch_size: int
+    device: str
+    step_seconds_median: float
+    step_seconds_iqr: float
+    peak_memory_bytes: int | None
+    fidelity: float | None
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"w-perp:solver=svd:k=10"`` → ``("w-perp", {"solver": "svd", "k": 10})``."""
+    name, *pairs = spec.strip().split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"bad method option {pair!r} in {spec!r}: expected key=value")
+        key, value = pair.split("=", 1)
+        options[key] = _parse_value(value)
+    return name, options
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _fix_mmap_threshold() -> None:
+    # glibc raises its mmap threshold after large frees, after which freed tensors stay in
+    # the heap and the resident size stops tracking live memory; a fixed threshold keeps
+    # every allocation of 64 KiB or more in its own mapping, returned to the system on free.
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        m_mmap_threshold = -3
+        ctypes.CDLL(name).mallopt(m_mmap_threshold, 64 * 1024)
+
+
+def _peak_memory(step: Any, device: torch.device) -> int | None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type == "cpu" and sys.platform.startswith("linux"):
+        _fix_mmap_threshold()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak resident set size
+            before = _status_bytes("VmRSS")
+            step()
+            return _status_bytes("VmHWM") - before
+        except OSError:
+            return None
+    return None
+
+
+def _fidelity(
+    est: Estimator, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor
+) -> float | None:
+    if not isinstance(est, ForwardGradient) or not isinstance(est.guess, WPerpGuess):
+        return None
+    guess = est.guess
+    if guess.k == "rank" or guess.subspace != "top":
+        return None
+    k = int(guess.k)
+    values: list[float] = []
+
+    def on_site(site: Site, g: Any, state: dict[str, Any]) -> None:
+        if site.jacobian is None or site.jacobian.rows <= k:
+            return  # output layer, or the closed form (exact)
+        basis, _ = guess.basis(site, state)
+        values.append(subspace_fidelity(site.jacobian.dense(), basis, k))
+
+    saved = {i: dict(s) for i, s in est.state.items()}
+    with torch.no_grad():
+        est.tangent_pass(linear_layers(model), x, y, on_site=on_site)
+    est.state = saved
+    return sum(values) / len(values) if values else 1.0
+
+
+def bench_method(
+    spec: str,
+    *,
+    width: int,
+    depth: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    seed: int = 0,
+) -> BenchRecord:
+    """Time one method; the model, batch and initial weights depend on ``seed`` only."""
+    name, options = parse_method(spec)
+    est = make_estimator(name, **options)
+    data = mnist1d()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, data.x_train.shape[0], (batch_size,), generator=gen)
+    x, y = data.x_train[idx].to(device), data.y_train[idx].to(device)
+    torch.manual_seed(seed)
+    model = MLP([x.shape[1]] + [width] * depth + [10]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    guess_gen = torch.Generator(device=device).manual_seed(seed + 1)
+
+    def step() -> None:
+        est.estimate(model, x, y, generator=guess_gen)
+        opt.step()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = _peak_memory(step, device)
+    fidelity = _fidelity(est, model, x, y)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    solver = getattr(getattr(est, "guess", None), "solver", None)
+    return BenchRecord(
+        method=spec,
+        solver=solver,
+        width=width,
+        batch_size=batch_size,
+        device=str(device),
+        step_seconds_median=statistics.median(times),
+        step_seconds_iqr=q[2] - q[0],
+        peak_memory_bytes=peak,
+        fidelity=fidelity,
+    )
+
+
+def markdown(records: list[BenchRecord]) -> str:
+    """A Markdown table with ratios to ``w-transpose`` and ``backprop`` where present."""
+    ref = {r.method: r for r in records}
+    head = (
+        "| method | solver | step (ms) | IQR (ms) | × w-transpose | × backprop "
+        "| peak MiB | × w-transpose mem | fidelity |"
+    )
+    lines = [head, "|" + "---|" * 9]
+
+    def ratio(r: BenchRecord, base: str, attr: str) -> str:
+        b = ref.get(base)
+        num, den = getattr(r, attr), getattr(b, attr) if b else None
+        return f"{num / den:.2f}" if num is not None and den else "–"
+
+    for r in records:
+        mem = f"{r.peak_memory_bytes / 2**20:.1f}" if r.peak_memory_bytes is not None else "–"
+        fid = f"{r.fidelity:.4f}" if r.fidelity is not None else "–"
+        lines.append(
+            f"| {r.method} | {r.solver or '–'} | {r.step_seconds_median * 1e3:.2f} | "
+            f"{r.step_seconds_iqr * 1e3:.2f} | {ratio(r, 'w-transpose', 'step_seconds_median')} | "
+            f"{ratio(r, 'backprop', 'step_seconds_median')} | {mem} | "
+            f"{ratio(r, 'w-transpose', 'peak_memory_bytes')} | {fid} |"
+        )
+    return "\n".join(lines)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--methods",
+        default="backprop,w-transpose,w-perp",
+        help="comma list of registry names; options as name:key=value, e.g. w-perp:solver=svd",
+    )
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--depth", type=int, default=3, help="hidden layers")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per method")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print JSON records instead")
+
+
+def main(args: argparse.Namespace) -> int:
+    for name in ("width", "depth", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    device = resolve_device(args.device)
+    specs = [s for s in args.methods.split(",") if s.strip()]
+    for spec in specs:  # fail on a bad name before timing anything
+        name, options = parse_method(spec)
+        make_estimator(name, **options)
+    records = []
+    for spec in specs:
+        records.append(
+            bench_method(
+                spec,
+                width=args.width,
+                depth=args.depth,
+                batch_size=args.batch_size,
+                steps=args.steps,
+                warmup=args.warmup,
+                device=device,
+                seed=args.seed,
+            )
+        )
+        if not args.json:
+            print(f"measured {spec}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2))
+    else:
+        print(
+            f"width {args.width}, depth {args.depth}, batch {args.batch_size}, device {device}, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"{platform.processor() or platform.machine()}; median of {args.steps} steps"
+        )
+        print(markdown(records))
+    return 0

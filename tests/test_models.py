@@ -1,0 +1,129 @@
+"""The supported models: ``guessgrad.MLP`` and the ``linear_layers`` check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import guessgrad
+from guessgrad.jacobians import MaskedLinearJacobian, UpstreamJacobian
+
+
+def test_mlp_structure():
+    model = guessgrad.MLP([40, 16, 12, 10])
+    kinds = [type(m) for m in model]
+    assert kinds == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    layers = guessgrad.linear_layers(model)
+    assert [(la.in_features, la.out_features) for la in layers] == [(40, 16), (16, 12), (12, 10)]
+    assert all(la is m for la, m in zip(layers, [model[0], model[2], model[4]]))
+    assert all(la.weight.dtype == torch.float32 for la in layers)
+
+
+def test_mlp_initialisation():
+    """PyTorch's default weights (uniform in ±1/sqrt(fan_in)) and zero biases (PAPER.md §4)."""
+    torch.manual_seed(0)
+    model = guessgrad.MLP([40, 128, 10])
+    for layer in guessgrad.linear_layers(model):
+        bound = 1 / layer.in_features**0.5
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert layer.weight.abs().max() <= bound
+        # uniform on [-bound, bound]: standard deviation bound / sqrt(3)
+        assert abs(float(layer.weight.detach().std()) - bound / 3**0.5) < 0.1 * bound
+    torch.manual_seed(0)
+    again = guessgrad.MLP([40, 128, 10])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+
+
+def test_mlp_without_bias():
+    model = guessgrad.MLP([5, 4, 3], bias=False)
+    assert all(la.bias is None for la in guessgrad.linear_layers(model))
+    assert len(list(model.parameters())) == 2
+
+
+def test_single_linear_layer_is_supported():
+    model = guessgrad.MLP([5, 3])
+    assert list(model) == [model[0]] and isinstance(model[0], nn.Linear)
+    assert guessgrad.linear_layers(model) == [model[0]]
+
+
+@pytest.mark.parametrize(
+    ("widths", "match"),
+    [
+        ([10], r"at least an input and an output width, got widths=\[10\]"),
+        ([], "at least an input"),
+        ([10, 0, 4], r"positive integers, got widths=\[10, 0, 4\]"),
+        ([10, 2.5, 4], "positive integers"),
+        ([10, True, 4], "positive integers"),
+        ([10, -3, 4], "positive integers"),
+    ],
+)
+def test_mlp_rejects_bad_widths(widths, match):
+    with pytest.raises(ValueError, match=match):
+        guessgrad.MLP(widths)
+
+
+def test_linear_layers_accepts_float64_and_plain_sequentials():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    assert guessgrad.linear_layers(model) == [model[0], model[2]]
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "match"),
+    [
+        (nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), TypeError, r"'1' \(Tanh\)"),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(), nn.Linear(4, 2)),
+            TypeError,
+            r"'2' \(Dropout\) at position 2",
+        ),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU(), nn.Linear(4, 2)),
+            ValueError,
+            "'2' at position 2 is ReLU but Linear was expected",
+        ),
+        (nn.Sequential(nn.LazyLinear(4)), TypeError, "LazyLinear"),
+        (nn.Sequential(nn.Linear(4, 4), nn.LeakyReLU(), nn.Linear(4, 2)), TypeError, "LeakyReLU"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), TypeError, r"'0' \(Flatten\)"),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2))),
+            TypeError,
+            r"'2' \(Sequential\)",
+        ),
+    ],
+)
+def test_linear_layers_names_the_offending_module(model, error, match):
+    with pytest.raises(error, match=match):
+        guessgrad.linear_layers(model)
+
+
+def test_named_modules_are_named_in_errors():
+    from collections import OrderedDict
+
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 4), act=nn.GELU(), fc2=nn.Linear(4, 2)))
+    with pytest.raises(TypeError, match=r"'act' \(GELU\)"):
+        guessgrad.linear_layers(model)
+
+
+def test_masked_linear_jacobian_matches_dense():
+    """W̃_b = W diag(mask_b); apply, apply_t and gram_apply agree with the dense matrices."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(3, 7, generator=gen) > 0.4).double()
+    jac = MaskedLinearJacobian(w, mask)
+    assert isinstance(jac, UpstreamJacobian)
+    assert (jac.batch, jac.rows, jac.cols, jac.dtype) == (3, 5, 7, torch.float64)
+    dense = torch.stack([w @ torch.diag(m) for m in mask])
+    torch.testing.assert_close(jac.dense(), dense, rtol=0, atol=0)
+    v = torch.randn(3, 2, 7, generator=gen, dtype=torch.float64)  # (B, p, n)
+    u = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64)  # (B, p, m)
+    torch.testing.assert_close(jac.apply(v), v @ dense.mT, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(jac.apply_t(u), u @ dense, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(jac.gram_apply(v), v @ dense.mT @ dense, rtol=1e-13, atol=1e-13)
+    # one vector per example: (B, n) -> (B, m)
+    torch.testing.assert_close(jac.apply(v[:, 0]), (dense @ v[:, 0, :, None])[..., 0])
+
+
+def test_masked_linear_jacobian_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(5, 7\) and \(3, 6\)"):
+        MaskedLinearJacobian(torch.zeros(5, 7), torch.zeros(3, 6))

@@ -1,0 +1,276 @@
+"""The guesses and their covariances: W̃⊥ (top, bottom, rank), W̃P, W̃ᵀ and isotropic.
+
+Deterministic checks compare ``covariance()`` with float64 SVD references; the Monte-Carlo
+checks compare sample covariances with ``covariance()`` within 5 standard errors computed from
+the Gaussian closed form Var(y_i y_j) = C_ii C_jj + C_ij².
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from guessgrad.guesses import (
+    IsotropicGuess,
+    Site,
+    WPerpGuess,
+    WPrecondGuess,
+    WTransposeGuess,
+)
+from guessgrad.jacobians import MaskedLinearJacobian
+from guessgrad.metrics import subspace_fidelity
+from guessgrad.solvers import top_right_singular
+
+F64 = torch.float64
+
+
+def make_site(weight, s, index=0):
+    """The site of a hidden layer with pre-activations ``s`` (B, n) under next weight (m, n)."""
+    mask = (s > 0).to(s.dtype)
+    x = torch.zeros(s.shape[0], 1, dtype=s.dtype)  # unused by the guesses
+    return Site(index=index, x=x, s=s, jacobian=MaskedLinearJacobian(weight, mask))
+
+
+def random_site(m, n, batch, seed, *, dead=(), few=()):
+    """Random next weight (m × n) and pre-activations; examples in ``dead`` have every unit
+    off, examples in ``few`` have two units on."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(m, n, generator=gen, dtype=F64) / n**0.5
+    s = torch.randn(batch, n, generator=gen, dtype=F64)
+    for b in dead:
+        s[b] = -1.0
+    for b in few:
+        s[b] = -1.0
+        s[b, :2] = 1.0
+    return make_site(weight, s)
+
+
+def replicate(site, reps):
+    """The same examples ``reps`` times over (batch reps·B): independent guesses per copy."""
+    s = site.s.repeat(reps, 1)
+    return make_site(site.jacobian.weight, s, site.index)
+
+
+def projector(rows):
+    return rows.mT @ rows
+
+
+def svd_top_projector(site, k):
+    return projector(top_right_singular(site.jacobian.dense(), k))
+
+
+def row_space_projector(site):
+    w = site.jacobian.dense()
+    return torch.linalg.pinv(w) @ w
+
+
+def seeded(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+GUESSES = {
+    "isotropic": IsotropicGuess,
+    "w-transpose": WTransposeGuess,
+    "w-perp-top": lambda: WPerpGuess(3),
+    "w-perp-bottom": lambda: WPerpGuess(3, "bottom"),
+    "w-perp-rank": lambda: WPerpGuess("rank"),
+    "w-perp-rank-subspace": lambda: WPerpGuess("rank", solver="subspace"),
+    "w-perp-subspace": lambda: WPerpGuess(3, solver="subspace"),
+    "w-perp-subspace-k>m": lambda: WPerpGuess(8, solver="subspace"),
+    "w-precond": WPrecondGuess,
+    "w-precond-svd": lambda: WPrecondGuess(solver="svd"),
+}
+
+
+# ---------------------------------------------------------------- deterministic covariances
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (5, 10)])
+def test_w_perp_covariance_is_the_svd_projector(shape):
+    m, n = shape
+    site = random_site(m, n, 5, seed=0, dead=(1,), few=(2,))
+    cov = WPerpGuess(3).covariance(site, {})
+    ranks = torch.linalg.matrix_rank(site.jacobian.dense())
+    full = ranks >= 3
+    ref = svd_top_projector(site, 3)
+    # where rank ≥ k the top-k subspace is well defined: equal to the SVD reference
+    torch.testing.assert_close(cov[full], ref[full], rtol=0, atol=1e-12)
+    # everywhere a rank-3 orthogonal projector
+    torch.testing.assert_close(cov @ cov, cov, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.diagonal(cov, dim1=1, dim2=2).sum(1),
+        torch.full((5,), 3.0, dtype=F64),
+        rtol=0,
+        atol=1e-12,
+    )
+
+
+def test_w_perp_bottom_is_orthogonal_to_the_top():
+    site = random_site(12, 8, 4, seed=1)
+    top = WPerpGuess(3).covariance(site, {})
+    bottom = WPerpGuess(3, "bottom").covariance(site, {})
+    torch.testing.assert_close(top @ bottom, torch.zeros_like(top), rtol=0, atol=1e-12)
+    torch.testing.assert_close(bottom @ bottom, bottom, rtol=0, atol=1e-12)
+    # k = n: top and bottom both give the identity
+    eye = torch.eye(8, dtype=F64).expand(4, 8, 8)
+    torch.testing.assert_close(
+        WPerpGuess(8, "bottom").covariance(site, {}), eye, rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("solver", ["svd", "subspace"])
+@pytest.mark.parametrize("shape", [(5, 10), (12, 8)])
+def test_w_perp_rank_covariance_is_the_row_space_projector(solver, shape):
+    m, n = shape
+    site = random_site(m, n, 4, seed=2, dead=(0,), few=(1,))
+    cov = WPerpGuess("rank", solver=solver).covariance(site, {})
+    torch.testing.assert_close(cov, row_space_projector(site), rtol=0, atol=1e-12)
+    assert torch.equal(cov[0], torch.zeros_like(cov[0]))
+
+
+@pytest.mark.parametrize("k", [3, 5, 20])
+def test_subspace_solver_covariance_agrees_with_svd_under_a_gap(k):
+    """A next-layer weight with a decaying spectrum and all units on: a clear gap after σ_k."""
+    gen = torch.Generator().manual_seed(3)
+    m, n = 12, 10
+    u = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=F64))[0][:, :n]
+    v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))[0]
+    weight = (u * 0.5 ** torch.arange(n, dtype=F64)) @ v.T
+    site = make_site(weight, torch.ones(3, n, dtype=F64))
+    cov = WPerpGuess(k, solver="subspace").covariance(site, {})
+    ref = svd_top_projector(site, k)
+    assert float(torch.linalg.matrix_norm(cov - ref, ord=2).max()) < 1e-2
+    basis, _ = WPerpGuess(k, solver="subspace").basis(site, {})
+    assert subspace_fidelity(site.jacobian.dense(), basis, k) > 1 - 1e-6
+
+
+def test_subspace_solver_fidelity_over_steps():
+    """Warm-started over several steps on flat random spectra: fidelity ≥ 0.99 at each."""
+    guess = WPerpGuess(4, solver="subspace", depth=4)
+    state: dict = {}
+    for step in range(3):
+        site = random_site(32, 32, 16, seed=10 + step)
+        basis, _ = guess.basis(site, state)
+        assert subspace_fidelity(site.jacobian.dense(), basis, 4) >= 0.99
+        guess.sample(site, state, generator=seeded(step))
+        assert state["start"].shape[0] == 4
+
+
+def test_subspace_solver_closed_form_for_few_rows():
+    """Next layer with m ≤ k rows: the exact row space (unbiased), as the SVD gives."""
+    site = random_site(4, 9, 6, seed=4, dead=(2,))
+    cov = WPerpGuess(10, solver="subspace").covariance(site, {})
+    torch.testing.assert_close(cov, row_space_projector(site), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["svd", "closed-form"])
+@pytest.mark.parametrize("shape", [(8, 8), (12, 8)])
+def test_w_precond_covariance_is_identity_when_r_equals_n(shape, solver):
+    """W̃P: Cov = V_r V_rᵀ = I whenever r = min(m, n) = n, even with inactive units (σ > 0)."""
+    m, n = shape
+    site = random_site(m, n, 4, seed=5, dead=(0,), few=(1,))
+    cov = WPrecondGuess(solver=solver).covariance(site, {})
+    torch.testing.assert_close(cov, torch.eye(n, dtype=F64).expand(4, n, n), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["svd", "closed-form"])
+def test_w_precond_covariance_is_a_projector_when_m_below_n(solver):
+    """m < n: an orthogonal projector that contains the row space of W̃_b and equals it where
+    W̃_b has full row rank m; the SVD form keeps rank m (null directions of weight 1) where
+    W̃_b is rank deficient."""
+    site = random_site(4, 10, 5, seed=6, few=(2,))
+    cov = WPrecondGuess(sigma=1e-3, solver=solver).covariance(site, {})
+    torch.testing.assert_close(cov @ cov, cov, rtol=0, atol=1e-12)
+    rows = row_space_projector(site)
+    torch.testing.assert_close(cov @ rows, rows, rtol=0, atol=1e-12)
+    full = torch.linalg.matrix_rank(site.jacobian.dense()) == 4
+    assert full.sum() >= 2 and not full[2]
+    torch.testing.assert_close(cov[full], rows[full], rtol=0, atol=1e-12)
+    trace = torch.diagonal(cov, dim1=1, dim2=2).sum(1)
+    if solver == "svd":
+        torch.testing.assert_close(trace, torch.full((5,), 4.0, dtype=F64), rtol=0, atol=1e-12)
+    else:
+        torch.testing.assert_close(cov, rows, rtol=0, atol=1e-12)
+
+
+def test_w_transpose_covariance_is_gram():
+    site = random_site(6, 9, 4, seed=7, dead=(3,))
+    w = site.jacobian.weight
+    mask = site.jacobian.mask
+    ref = torch.stack([torch.diag(mk) @ w.T @ w @ torch.diag(mk) for mk in mask])
+    torch.testing.assert_close(WTransposeGuess().covariance(site, {}), ref, rtol=1e-14, atol=1e-14)
+
+
+def test_isotropic_covariance_is_identity():
+    site = random_site(6, 9, 3, seed=8)
+    cov = IsotropicGuess().covariance(site, {})
+    assert torch.equal(cov, torch.eye(9, dtype=F64).expand(3, 9, 9))
+
+
+# ---------------------------------------------------------------- samples
+
+
+@pytest.mark.parametrize("name", list(GUESSES))
+def test_samples_lie_in_the_range_of_the_covariance(name):
+    """Every guess y_b lies in range(C_b): (I − P_b) y_b = 0, P_b the range projector."""
+    site = random_site(12, 8, 6, seed=9, dead=(0,), few=(1,))
+    guess = GUESSES[name]()
+    state: dict = {}
+    cov = guess.covariance(site, state)
+    y = guess.sample(site, state, generator=seeded(0))
+    assert y.shape == (6, 8) and torch.isfinite(y).all()
+    lam, u = torch.linalg.eigh(cov)
+    null = u * (lam <= 1e-10).to(F64).unsqueeze(1)
+    leak = (null.mT @ y.unsqueeze(-1)).squeeze(-1)
+    assert float(leak.abs().max()) <= 1e-12
+
+
+def test_w_perp_samples_lie_in_the_top_k_svd_subspace():
+    """Projected on the complement of the float64 SVD's top-k subspace, the guesses vanish; the
+    bottom control's guesses vanish on the top-k subspace instead."""
+    site = random_site(12, 8, 5, seed=10)
+    p_top = svd_top_projector(site, 3)
+    eye = torch.eye(8, dtype=F64)
+    y = WPerpGuess(3).sample(site, {}, generator=seeded(1))
+    off = ((eye - p_top) @ y.unsqueeze(-1)).squeeze(-1)
+    assert float(off.abs().max()) <= 1e-12 * float(y.abs().max())
+    assert float(y.norm(dim=1).min()) > 0
+    yb = WPerpGuess(3, "bottom").sample(site, {}, generator=seeded(1))
+    on = (p_top @ yb.unsqueeze(-1)).squeeze(-1)
+    assert float(on.abs().max()) <= 1e-12 * float(yb.abs().max())
+
+
+def test_covariance_reads_but_never_changes_state_or_generator():
+    site = random_site(16, 8, 4, seed=11)
+    guess = WPerpGuess(3, solver="subspace")
+    state: dict = {}
+    guess.sample(site, state, generator=seeded(0))
+    saved = copy.deepcopy(state)
+    gen = seeded(5)
+    cov = guess.covariance(site, state)
+    assert state.keys() == saved.keys() and torch.equal(state["start"], saved["start"])
+    assert torch.equal(gen.get_state(), seeded(5).get_state())
+    # the next sample uses the basis the covariance described
+    y = guess.sample(site, state, generator=gen)
+    torch.testing.assert_close((cov @ y.unsqueeze(-1)).squeeze(-1), y, rtol=0, atol=1e-9)
+    assert not torch.equal(state["start"], saved["start"])  # the warm start moved on
+
+
+@pytest.mark.parametrize("name", list(GUESSES))
+def test_sample_covariance_converges(name):
+    """Probabilistic (fixed seed): the sample covariance of 6000 guesses per example is within
+    5 standard errors of covariance(), with Var(y_i y_j) = C_ii C_jj + C_ij² (Gaussian y)."""
+    reps = 6000
+    base = random_site(12, 8, 3, seed=12, few=(1,))
+    site = replicate(base, reps)
+    guess = GUESSES[name]()
+    cov = guess.covariance(base, {})  # (B, n, n)
+    y = guess.sample(site, {}, generator=seeded(2)).view(reps, 3, 8)
+    sample_cov = torch.einsum("rbi,rbj->bij", y, y) / reps
+    diag = torch.diagonal(cov, dim1=1, dim2=2)
+    se = ((diag.unsqueeze(2) * diag.unsqueeze(1) + cov.square()) / reps).sqrt()
+    assert float(((sample_cov - cov).abs() - 5 * se).max()) <= 1e-12
+    # the test has power: the standard errors are small next to C
+    assert float(se.max()) < 0.05 * float(diag.max())
