@@ -123,9 +123,11 @@ class WPerp(ForwardGradient):
     Args:
         k: subspace size (paper default and best: 10), or ``"rank"``.
         subspace: ``"top"`` or ``"bottom"``.
-        solver: ``"svd"`` (exact, the paper's) or ``"subspace"`` (block Krylov, fast).
+        solver: ``"svd"`` (exact, the paper's), ``"subspace"`` (block Krylov, fast) or
+            ``"newton-schulz"`` (the paper's W̃⊥-NS, §2.6).
         depth, block, chunk: block Krylov depth, block size and examples per solve for
             ``solver="subspace"``.
+        refresh: steps between σ_k/σ_1 estimates for ``solver="newton-schulz"``.
     """
 
     name = "w-perp"
@@ -148,6 +150,8 @@ class WPerp(ForwardGradient):
         opts: dict[str, Any] = {"k": g.k, "subspace": g.subspace, "solver": g.solver}
         if g.solver == "subspace":
             opts.update(depth=g.depth, block=g.block, chunk=g.chunk)
+        if g.solver == "newton-schulz":
+            opts.update(refresh=g.refresh)
         return opts
 
 

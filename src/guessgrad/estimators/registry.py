@@ -41,6 +41,10 @@ def _w_perp_bottom(**options: Any) -> Estimator:
     return WPerp(subspace="bottom", **options)
 
 
+def _w_perp_ns(**options: Any) -> Estimator:
+    return WPerp(solver="newton-schulz", **options)
+
+
 #: the registered names, in registration order
 ESTIMATORS: list[str] = []
 
@@ -51,3 +55,4 @@ register(WTranspose.name, WTranspose)
 register(WPerp.name, WPerp)
 register("w-perp-bottom", _w_perp_bottom)
 register(WPrecond.name, WPrecond)
+register("w-perp-ns", _w_perp_ns)

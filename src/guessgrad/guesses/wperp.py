@@ -13,7 +13,12 @@ returns y_b = V_k z_b; it never needs U.  ``solver`` picks how V_k is computed:
 
 - ``"svd"``: exact batched SVD of the dense W̃_b (the paper's construction, slow);
 - ``"subspace"``: block Krylov from matrix products (:mod:`guessgrad.solvers.subspace`), exact
-  closed form where the next layer has at most k rows.
+  closed form where the next layer has at most k rows;
+- ``"newton-schulz"``: the paper's W̃⊥-NS (§2.6, :mod:`guessgrad.solvers.newton_schulz`): a
+  fitted odd polynomial applied 5 times to W̃_b/σ_1 gives F_b ≈ U_k V_kᵀ and y_b = F_bᵀ ε_b;
+  σ_k/σ_1 is computed on the batch's first example and refreshed every ``refresh`` steps (50,
+  as in the paper).  Where the next layer has at most k rows the top-k subspace is the whole
+  row space and the closed form is used, as for ``"subspace"``.
 
 ``k="rank"`` (Table 1's "k = rank") takes every direction with a nonzero singular value,
 per example: the whole row space of W̃_b, which contains g_b, so the guess is unbiased.
@@ -32,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..jacobians import UpstreamJacobian
+from ..solvers.newton_schulz import load_coefficients, ns_factor, sigma_ratio
 from ..solvers.subspace import DEFAULT_DEPTH, block_krylov, exact_row_space, orthonormalize_rows
 from ..solvers.svd import bottom_right_singular, rank_right_singular, top_right_singular
 from .base import Guess, Site, gaussian
@@ -39,7 +45,9 @@ from .base import Guess, Site, gaussian
 __all__ = ["WPerpGuess", "SOLVERS"]
 
 #: solver names accepted by ``WPerpGuess``
-SOLVERS = ("svd", "subspace")
+SOLVERS = ("svd", "subspace", "newton-schulz")
+#: steps between two σ_k/σ_1 estimates of the Newton–Schulz solver (PAPER.md §2.6)
+NS_REFRESH = 50
 #: examples per block Krylov solve: bounds the solver's memory, keeps products large
 DEFAULT_CHUNK = 64
 
@@ -69,7 +77,10 @@ class WPerpGuess(Guess):
         depth: int = DEFAULT_DEPTH,
         block: int | None = None,
         chunk: int | None = DEFAULT_CHUNK,
+        refresh: int = NS_REFRESH,
     ) -> None:
+        if not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"refresh must be a positive integer, got refresh={refresh!r}")
         if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk must be a positive integer or None, got chunk={chunk!r}")
         if k != "rank" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
@@ -83,6 +94,8 @@ class WPerpGuess(Guess):
                 f"solver={solver!r} computes top-k subspaces only; subspace='bottom' needs "
                 "solver='svd'"
             )
+        if solver == "newton-schulz" and k == "rank":
+            raise ValueError("k='rank' needs solver='svd' or solver='subspace'")
         if k == "rank" and subspace == "bottom":
             raise ValueError("k='rank' is defined for subspace='top' only")
         if not isinstance(depth, int) or depth < 0:
@@ -100,6 +113,7 @@ class WPerpGuess(Guess):
         self.depth = depth
         self.block = block
         self.chunk = chunk
+        self.refresh = refresh
 
     def basis(self, site: Site, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Rows spanning the guessing subspace, ``(B, r, n)``, and the state updates."""
@@ -120,8 +134,23 @@ class WPerpGuess(Guess):
         k = int(self.k)
         if jac.rows <= k:
             return exact_row_space(jac, k), {}
+        if self.solver == "newton-schulz":
+            return self._ns_factor(jac, state)
         parts = list(self._krylov_chunks(jac, state))
         return torch.cat([basis for _, basis in parts], dim=0), {"start": parts[0][0]}
+
+    def _ns_factor(
+        self, jac: UpstreamJacobian, state: dict[str, Any]
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """F_b ≈ U_k V_kᵀ ``(B, m, n)`` and the state updates (step count, σ_k/σ_1)."""
+        w = jac.dense()  # (B, m, n)
+        steps = state.get("ns_steps", 0)
+        ratio = state.get("sigma_ratio")
+        update: dict[str, Any] = {"ns_steps": steps + 1}
+        if ratio is None or steps % self.refresh == 0:
+            ratio = sigma_ratio(w[0], int(self.k))  # the first example, as the paper's code
+            update["sigma_ratio"] = ratio
+        return ns_factor(w, ratio, load_coefficients()), update
 
     def _krylov_chunks(self, jac: UpstreamJacobian, state: dict[str, Any]):
         """Yield ``(next_start, basis)`` per chunk of examples (block Krylov solver)."""

@@ -1,0 +1,303 @@
+"""Newton–Schulz polynomials that turn W̃_b into ≈ U_k V_kᵀ: the numerical core of W̃⊥-NS.
+
+PAPER.md §2.6: normalise W̃_b = U Λ Vᵀ (m × n) to unit spectral norm, X = W̃_b / σ_1, and apply
+the odd degree-7 polynomial
+
+    p(x) = a x + b x³ + c x⁵ + d x⁷
+
+N = 5 times as a matrix function,
+
+    p(X) = a X + b X (XᵀX) + c X (XᵀX)² + d X (XᵀX)³ = a X + (b A + c A² + d A³) X,  A = X Xᵀ.
+
+An odd polynomial acts on the singular values alone: X (XᵀX)^j = U Λ^{2j+1} Vᵀ, so
+p(X) = U p(Λ) Vᵀ and p^N(X) = U p^N(Λ) Vᵀ, with the same singular vectors.  The coefficients
+are fitted so that the scalar composition p^N is a step at the threshold t: ≈ 1 on singular
+values with σ_j/σ_1 ≥ t and ≈ 0 below the band (t − 2δ_t, t), δ_t = min(t/4, 0.05).  One set
+per t ∈ {0.1, …, 0.9}; the set used for a given σ_k/σ_1 is the bin floor(10·σ_k/σ_1), so every
+σ_j ≥ σ_k is in the region mapped to 1 and p^N(W̃_b / σ_1) ≈ U_k V_kᵀ.  With F_b that matrix,
+the guess y_b = F_bᵀ ε_b, ε_b ~ N(0, I_m), has covariance F_bᵀF_b ≈ V_k V_kᵀ.
+
+Argument map: ``w`` = W̃ (B examples, each m × n), ``x`` = X, ``coeffs`` = (a, b, c, d),
+``iterations`` = N, ``k`` = k, ``sigma_ratio`` = σ_k/σ_1.
+
+Departures from the paper:
+
+- The coefficients are ours (the paper's are unpublished), fitted by
+  ``scripts/fit_ns_coefficients.py`` and shipped in ``ns_coefficients.json`` together with
+  their band and their error outside it (``docs/newton_schulz.md``).
+- σ_1 for the normalisation is estimated per example by power iteration, where the paper's
+  code uses the first example's σ_1 for the whole batch.  Each example's spectrum then lies in
+  the fitted range whatever the spread of norms across the batch.
+- The estimate σ̂_1 is not inflated by a safety factor: power iteration never overestimates
+  σ_1, and an inflated σ̂_1 would push σ_k below the step.  Instead the polynomials are fitted
+  on [0, 1.15] and map [−1.15, 1.15] into themselves, so an underestimate of up to 13 % still
+  sends the top singular values to ≈ 1 (20 iterations stayed within 9 % on flat, random-weight
+  spectra).  Just past 1.15 the compositions for t ≤ 0.6 blow up; ``ns_factor`` detects such
+  an example (‖F_b‖_F above its bound, or not finite) and redoes it with the exact σ_1.  Those
+  for t ≥ 0.7 decay towards 0 there instead, which goes undetected.
+- σ_k/σ_1 is computed for one matrix (the first example, as the paper's code does) with
+  ARPACK's implicitly restarted Lanczos method (``scipy.sparse.linalg.svds``), falling back
+  to a dense ``torch.linalg.svdvals`` where ARPACK cannot be used or fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, svds
+from torch import Tensor
+
+__all__ = [
+    "NSCoefficients",
+    "load_coefficients",
+    "coefficients_for",
+    "odd_polynomial",
+    "ns_step_function",
+    "newton_schulz",
+    "power_iteration_sigma1",
+    "sigma_ratio",
+    "ns_factor",
+    "POWER_ITERS",
+]
+
+#: the shipped fit, written by ``scripts/fit_ns_coefficients.py``
+COEFFICIENTS_FILE = "ns_coefficients.json"
+#: power iterations on W̃ᵀW̃ for σ_1 (up to about 9 % low on flat random spectra)
+POWER_ITERS = 20
+#: seed of the fixed power-iteration start (a generic vector, shared by the batch)
+POWER_START_SEED = 0
+#: seed of ARPACK's fixed starting vector in ``sigma_ratio``
+LANCZOS_START_SEED = 0
+
+Coefficients = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class NSCoefficients:
+    """One fitted coefficient set per threshold t (PAPER.md §2.6), as read from the JSON.
+
+    Attributes:
+        degree: degree of p (7).
+        iterations: N, how many times p is applied (5).
+        thresholds: ``(S,)`` thresholds t_s = 0.1, …, 0.9, increasing.
+        coefficients: ``(S, 4)`` rows (a, b, c, d) of p(x) = a x + b x³ + c x⁵ + d x⁷.
+        bands: ``(S, 2)`` the ignored transition band (t − 2δ_t, t) of each set.
+        max_errors: ``(S,)`` max |p^N(x) − step_t(x)| on the fitted range outside the band.
+        rms_errors: ``(S,)`` RMS of the same error.
+        domain: the fitted range [0, x_max] of normalised singular values.
+    """
+
+    degree: int
+    iterations: int
+    thresholds: tuple[float, ...]
+    coefficients: tuple[Coefficients, ...]
+    bands: tuple[tuple[float, float], ...]
+    max_errors: tuple[float, ...]
+    rms_errors: tuple[float, ...]
+    domain: tuple[float, float]
+
+    def tensor(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+        """The coefficient table as a ``(S, 4)`` tensor of rows (a, b, c, d)."""
+        return torch.tensor(self.coefficients, dtype=dtype, device=device)
+
+
+def _parse(doc: dict) -> NSCoefficients:
+    sets = sorted(doc["sets"], key=lambda s: s["threshold"])
+    thresholds = tuple(float(s["threshold"]) for s in sets)
+    expected = tuple(j / 10 for j in range(1, 10))
+    if not all(math.isclose(t, e) for t, e in zip(thresholds, expected)) or len(sets) != 9:
+        raise ValueError(f"need one set per threshold 0.1, …, 0.9, got {thresholds}")
+    return NSCoefficients(
+        degree=int(doc["degree"]),
+        iterations=int(doc["iterations"]),
+        thresholds=thresholds,
+        coefficients=tuple(tuple(float(c) for c in s["coefficients"]) for s in sets),
+        bands=tuple((float(s["band"][0]), float(s["band"][1])) for s in sets),
+        max_errors=tuple(float(s["max_error_outside_band"]) for s in sets),
+        rms_errors=tuple(float(s["rms_error_outside_band"]) for s in sets),
+        domain=(float(doc["domain"][0]), float(doc["domain"][1])),
+    )
+
+
+@cache
+def _load_shipped() -> NSCoefficients:
+    text = resources.files(__package__).joinpath(COEFFICIENTS_FILE).read_text(encoding="utf-8")
+    return _parse(json.loads(text))
+
+
+def load_coefficients(path: str | os.PathLike | None = None) -> NSCoefficients:
+    """Read the fitted coefficient sets: the shipped package data, or ``path`` if given."""
+    if path is None:
+        return _load_shipped()
+    with open(path, encoding="utf-8") as f:
+        return _parse(json.load(f))
+
+
+def coefficients_for(sigma_ratio: float, table: NSCoefficients) -> Coefficients:
+    """(a, b, c, d) of the bin floor(10·σ_k/σ_1), clamped to 1..9 (PAPER.md §2.6, code).
+
+    ``sigma_ratio`` = σ_k/σ_1.  Ratios below 0.1 use the t = 0.1 set, 1.0 uses t = 0.9.
+    """
+    if not math.isfinite(sigma_ratio) or sigma_ratio < 0:
+        raise ValueError(f"sigma_ratio must be finite and non-negative, got {sigma_ratio!r}")
+    j = min(max(math.floor(10 * sigma_ratio), 1), 9)
+    return table.coefficients[j - 1]
+
+
+def odd_polynomial(x: Tensor, coeffs: Coefficients) -> Tensor:
+    """p(x) = a x + b x³ + c x⁵ + d x⁷ elementwise, in Horner form in s = x²."""
+    a, b, c, d = coeffs
+    s = x * x
+    return x * (a + s * (b + s * (c + s * d)))
+
+
+def ns_step_function(x: Tensor, coeffs: Coefficients, iterations: int) -> Tensor:
+    """p^N(x) = p(p(…p(x))) elementwise: what ``newton_schulz`` does to each singular value."""
+    for _ in range(iterations):
+        x = odd_polynomial(x, coeffs)
+    return x
+
+
+def newton_schulz(x: Tensor, coeffs: Coefficients, iterations: int) -> Tensor:
+    """p^N(X) for a batch of matrices, X = U Λ Vᵀ ↦ U p^N(Λ) Vᵀ.
+
+    Uses the smaller Gram matrix: for m ≤ n, A = X Xᵀ (m × m) and X ← a X + (b A + c A² + d A³) X;
+    for m > n, A = XᵀX (n × n) and X ← a X + X (b A + c A² + d A³).  Each iteration costs four
+    batched products (the Gram, A², A³ and the update), each at most r × r × max(m, n) with
+    r = min(m, n).
+
+    Args:
+        x: ``(B, m, n)`` matrices; singular values should lie in the fitted range
+            (``NSCoefficients.domain``, [0, 1.15]).
+        coeffs: (a, b, c, d).
+        iterations: N ≥ 0.
+
+    Returns:
+        ``(B, m, n)``, same dtype and device as ``x``.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"need matrices (B, m, n), got shape {tuple(x.shape)}")
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    a, b, c, d = coeffs
+    wide = x.shape[-2] <= x.shape[-1]
+    for _ in range(iterations):
+        gram = x @ x.mT if wide else x.mT @ x  # (B, r, r)
+        gram2 = gram @ gram
+        poly = b * gram + c * gram2 + d * (gram2 @ gram)  # (B, r, r)
+        x = a * x + (poly @ x if wide else x @ poly)
+    return x
+
+
+def power_iteration_sigma1(w: Tensor, iters: int = POWER_ITERS) -> Tensor:
+    """σ_1 of every W̃_b by power iteration on W̃_bᵀW̃_b, ``(B, m, n) -> (B,)``.
+
+    v ← W̃ᵀW̃ v / ‖·‖ from a fixed generic start; the estimate is σ̂_1 = ‖W̃ᵀW̃ v‖^{1/2} for the
+    last unit v, which never exceeds σ_1.  All-zero matrices give 0 (never NaN).
+    """
+    if w.dim() != 3:
+        raise ValueError(f"need w of shape (B, m, n), got {tuple(w.shape)}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got iters={iters!r}")
+    gen = torch.Generator().manual_seed(POWER_START_SEED)
+    start = torch.randn(w.shape[-1], generator=gen, dtype=torch.float64)
+    v = start.to(dtype=w.dtype, device=w.device).expand(w.shape[0], -1).unsqueeze(-1)  # (B, n, 1)
+    tiny = torch.finfo(w.dtype).tiny
+    gv = v
+    for _ in range(iters):
+        v = gv / gv.norm(dim=-2, keepdim=True).clamp_min(tiny)
+        gv = w.mT @ (w @ v)  # (B, n, 1)
+    return gv.norm(dim=(-2, -1)).sqrt()
+
+
+def _dense_ratio(a: np.ndarray, k: int) -> float:
+    sv = torch.linalg.svdvals(torch.from_numpy(a))  # descending
+    return float(sv[k - 1] / sv[0]) if sv[0] > 0 else 0.0
+
+
+def sigma_ratio(w0: Tensor, k: int) -> float:
+    """σ_k/σ_1 of one matrix W̃ (the batch's first example), by implicitly restarted Lanczos.
+
+    ARPACK (``scipy.sparse.linalg.svds``, Lanczos on the smaller Gram matrix) from a fixed
+    start, in float64.  Dense ``torch.linalg.svdvals`` is used when k ≥ min(m, n) − 1, where
+    ARPACK cannot run, or when it fails.  k is clipped to min(m, n), as the exact W̃⊥ solver
+    clips it.
+
+    Args:
+        w0: ``(m, n)`` the matrix.
+        k: the k of σ_k, k ≥ 1.
+
+    Returns:
+        σ_k/σ_1 in [0, 1]; 0.0 when σ_1 = 0.
+    """
+    if w0.dim() != 2:
+        raise ValueError(f"need one matrix (m, n), got shape {tuple(w0.shape)}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    a = w0.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(a).all():
+        raise ValueError("w0 has non-finite entries")
+    if not a.any():
+        return 0.0
+    r = min(a.shape)
+    k = min(k, r)
+    if k >= r - 1:
+        return _dense_ratio(a, k)
+    v0 = np.random.default_rng(LANCZOS_START_SEED).standard_normal(r)
+    try:
+        sv = svds(a, k=k, which="LM", v0=v0, return_singular_vectors=False, solver="arpack")
+    except (ArpackError, ArpackNoConvergence):
+        return _dense_ratio(a, k)
+    return float(sv.min() / sv.max()) if sv.max() > 0 else 0.0
+
+
+def ns_factor(
+    w: Tensor,
+    sigma_ratio: float,
+    table: NSCoefficients,
+    *,
+    iterations: int | None = None,
+    power_iters: int = POWER_ITERS,
+) -> Tensor:
+    """F_b = p^N(W̃_b / σ̂_1(W̃_b)) ≈ U_k V_kᵀ for every example, ``(B, m, n) -> (B, m, n)``.
+
+    Args:
+        w: ``(B, m, n)`` the W̃_b.
+        sigma_ratio: σ_k/σ_1 (of the first example, from :func:`sigma_ratio`); picks the set.
+        table: the fitted sets (:func:`load_coefficients`).
+        iterations: N; defaults to the N the table was fitted for.
+        power_iters: power iterations for each example's σ̂_1.
+
+    Returns:
+        ``(B, m, n)`` in ``w``'s dtype.  Covariance of the guess F_bᵀε_b: F_bᵀF_b ≈ V_k V_kᵀ.
+        All-zero examples give zero matrices.
+
+    Safety net: while every normalised singular value stays in the invariant interval
+    [0, x_max], ‖F_b‖_F ≤ x_max · min(m, n)^{1/2}.  Examples above that bound (or not finite),
+    whose σ̂_1 was too low, are redone with the exact σ_1 (``torch.linalg.matrix_norm``).
+    """
+    if iterations is None:
+        iterations = table.iterations
+    coeffs = coefficients_for(sigma_ratio, table)
+    out = newton_schulz(_normalise(w, power_iteration_sigma1(w, power_iters)), coeffs, iterations)
+    limit = table.domain[1] * math.sqrt(min(w.shape[-2:]))
+    bad = ~(torch.linalg.matrix_norm(out) <= limit)  # (B,), catches NaN and inf too
+    if bool(bad.any()):
+        redo = w[bad]
+        exact = torch.linalg.matrix_norm(redo, ord=2)
+        out = out.index_put((bad,), newton_schulz(_normalise(redo, exact), coeffs, iterations))
+    return out
+
+
+def _normalise(w: Tensor, sigma: Tensor) -> Tensor:
+    """W̃_b / σ_b, with zero where σ_b = 0: ``(B, m, n), (B,) -> (B, m, n)``."""
+    positive = sigma > 0
+    scale = torch.where(positive, 1.0 / torch.where(positive, sigma, 1.0), 0.0)
+    return w * scale[:, None, None]

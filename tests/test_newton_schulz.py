@@ -1,0 +1,257 @@
+"""The Newton–Schulz core of W̃⊥-NS (PAPER.md §2.6): the matrix polynomial acts on singular
+values as its scalar definition, the shipped fit is the step it documents, and the σ_1, σ_k/σ_1
+and factor helpers agree with dense references."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+from guessgrad.solvers import newton_schulz as ns
+from guessgrad.solvers.newton_schulz import (
+    coefficients_for,
+    load_coefficients,
+    newton_schulz,
+    ns_factor,
+    ns_step_function,
+    odd_polynomial,
+    power_iteration_sigma1,
+    sigma_ratio,
+)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fit_ns_coefficients.py"
+
+#: the sanity bounds the fit must meet, whatever the rerun: max error outside the band for
+#: t = 0.1 … 0.9.  Small thresholds are hard (near 0, p(x) ≈ a x only separates ratios).
+MAX_ERROR_BOUND = {0.1: 0.3, 0.2: 0.2, 0.3: 0.15, 0.4: 0.05}
+MAX_ERROR_BOUND_HIGH = 0.02  # t ≥ 0.5
+
+
+@pytest.fixture(scope="module")
+def table():
+    return load_coefficients()
+
+
+@pytest.fixture(scope="module")
+def doc():
+    text = resources.files("guessgrad.solvers").joinpath("ns_coefficients.json").read_text()
+    return json.loads(text)
+
+
+def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """``(rows, cols)`` with orthonormal columns (rows ≥ cols)."""
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=gen, dtype=torch.float64))
+    return q
+
+
+def with_singular_values(s: torch.Tensor, m: int, n: int, gen: torch.Generator):
+    """X = U diag(s) Vᵀ (m × n) with random U (m × r), V (n × r), r = len(s)."""
+    u, v = orthonormal(m, len(s), gen), orthonormal(n, len(s), gen)
+    return (u * s) @ v.T, u, v
+
+
+# --- the polynomial and the matrix function ---------------------------------------------------
+
+
+def test_odd_polynomial_definition(table):
+    a, b, c, d = coeffs = table.coefficients[4]
+    x = torch.linspace(-1.15, 1.15, 101, dtype=torch.float64)
+    expected = a * x + b * x**3 + c * x**5 + d * x**7
+    torch.testing.assert_close(odd_polynomial(x, coeffs), expected, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(odd_polynomial(-x, coeffs), -odd_polynomial(x, coeffs))
+    twice = odd_polynomial(odd_polynomial(x, coeffs), coeffs)
+    torch.testing.assert_close(ns_step_function(x, coeffs, 2), twice)
+
+
+@pytest.mark.parametrize("shape", [(6, 9), (9, 6), (7, 7)], ids=["wide", "tall", "square"])
+@pytest.mark.parametrize("set_index", [2, 6])
+def test_matrix_function_acts_on_singular_values(table, shape, set_index):
+    """newton_schulz(U diag(s) Vᵀ) = U diag(p^N(s)) Vᵀ: same singular vectors, values p^N(s)."""
+    gen = torch.Generator().manual_seed(set_index)
+    m, n = shape
+    s = torch.tensor([1.12, 1.0, 0.71, 0.45, 0.2, 0.05, 0.0][: min(m, n)], dtype=torch.float64)
+    x, u, v = with_singular_values(s, m, n, gen)
+    coeffs = table.coefficients[set_index]
+    out = newton_schulz(x.unsqueeze(0), coeffs, table.iterations)[0]
+    f = ns_step_function(s, coeffs, table.iterations)
+    torch.testing.assert_close(out, (u * f) @ v.T, rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        torch.linalg.svdvals(out), f.abs().sort(descending=True).values, rtol=0, atol=1e-12
+    )
+
+
+def test_newton_schulz_batched_and_dtype(table):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
+    x = x / torch.linalg.matrix_norm(x, ord=2)[:, None, None]
+    coeffs = table.coefficients[5]
+    out = newton_schulz(x, coeffs, 5)
+    for b in range(3):
+        torch.testing.assert_close(out[b], newton_schulz(x[b : b + 1], coeffs, 5)[0])
+    out32 = newton_schulz(x.float(), coeffs, 5)
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), out, rtol=0, atol=1e-4)
+    assert torch.equal(newton_schulz(x, coeffs, 0), x)
+
+
+# --- the shipped fit -----------------------------------------------------------------------------
+
+
+def test_fit_file_is_consistent(table, doc):
+    assert (table.degree, table.iterations) == (7, 5)
+    assert table.thresholds == pytest.approx([0.1 * j for j in range(1, 10)])
+    assert doc["fit"]["command"] == "python scripts/fit_ns_coefficients.py"
+    spec = importlib.util.spec_from_file_location("fit_ns_coefficients", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # importable: does no work at import
+    assert table.domain == (0.0, script.X_MAX)
+    for t, band in zip(table.thresholds, table.bands):
+        assert band == pytest.approx(script.band(t))
+
+
+def test_fitted_step_within_documented_error(table, doc):
+    """p^N ≈ 0 up to the band and ≈ 1 from t to the domain's end, within the JSON's errors,
+    recomputed here on the same grid; and those errors meet the bounds stated above."""
+    x = torch.linspace(*table.domain, doc["fit"]["evaluation_points"], dtype=torch.float64)
+    for t, coeffs, (lo, hi), mx, rms in zip(
+        table.thresholds, table.coefficients, table.bands, table.max_errors, table.rms_errors
+    ):
+        f = ns_step_function(x, coeffs, table.iterations)
+        outside = (x <= lo) | (x >= hi)
+        err = (f - (x >= hi).double())[outside].abs()
+        assert float(err.max()) == pytest.approx(mx, rel=1e-9, abs=1e-12)
+        assert float(err.pow(2).mean().sqrt()) == pytest.approx(rms, rel=1e-9, abs=1e-12)
+        assert mx <= MAX_ERROR_BOUND.get(round(t, 1), MAX_ERROR_BOUND_HIGH), t
+
+
+def test_polynomial_keeps_domain_invariant(table):
+    """|p| ≤ x_max on [0, x_max] (p odd), so no composition leaves [−x_max, x_max]."""
+    x_max = table.domain[1]
+    x = torch.linspace(0.0, x_max, 200_001, dtype=torch.float64)
+    for coeffs in table.coefficients:
+        assert float(odd_polynomial(x, coeffs).abs().max()) <= x_max + 1e-6
+        assert float(ns_step_function(x, coeffs, 20).abs().max()) <= x_max + 1e-6
+
+
+def test_fit_jacobian_matches_autograd():
+    """The fitting script's chain-rule Jacobian of p^j equals autograd's (float64)."""
+    spec = importlib.util.spec_from_file_location("fit_ns_coefficients", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    coeffs = torch.tensor([[0.3, 4.5, -6.8, 2.8], [1.2, 2.0, -4.0, 1.5]], dtype=torch.float64)
+    x = torch.linspace(0.0, 1.1, 23, dtype=torch.float64)
+    values, jacobians = script.compositions(coeffs, x, 3, jacobian=True)
+    for j in range(3):
+        auto = torch.autograd.functional.jacobian(
+            lambda c, j=j: script.compositions(c, x, 3)[0][j], coeffs
+        )  # (2, G, 2, 4)
+        torch.testing.assert_close(jacobians[j], torch.stack([auto[i, :, i] for i in range(2)]))
+
+
+# --- bins, σ_1 and σ_k/σ_1 --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ratio, threshold",
+    [(0.0, 0.1), (0.05, 0.1), (0.1, 0.1), (0.37, 0.3), (0.7, 0.7), (0.99, 0.9), (1.0, 0.9)],
+)
+def test_coefficients_for_bins(table, ratio, threshold):
+    index = table.thresholds.index(pytest.approx(threshold))
+    assert coefficients_for(ratio, table) == table.coefficients[index]
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf])
+def test_coefficients_for_rejects(table, bad):
+    with pytest.raises(ValueError, match="sigma_ratio"):
+        coefficients_for(bad, table)
+
+
+def test_power_iteration_matches_spectral_norm():
+    gen = torch.Generator().manual_seed(1)
+    # a clear gap (σ_2/σ_1 = 0.5): 20 iterations converge to machine precision
+    s = torch.tensor([3.0, 1.5, 1.0, 0.2], dtype=torch.float64)
+    gapped = torch.stack([with_singular_values(s, 7, 11, gen)[0] for _ in range(3)])
+    torch.testing.assert_close(power_iteration_sigma1(gapped), torch.full((3,), 3.0).double())
+    # Gaussian matrices, small gaps: never above σ_1 (a Rayleigh quotient), at most 10 % below
+    # (about 6 % for the worst of these 16), 1 % below on average
+    w = torch.randn(16, 12, 20, generator=gen, dtype=torch.float64)
+    exact = torch.linalg.matrix_norm(w, ord=2)
+    est = power_iteration_sigma1(w)
+    assert bool((est <= exact * (1 + 1e-12)).all())
+    assert bool((est >= 0.9 * exact).all())
+    assert float((1 - est / exact).mean()) < 0.01
+    zero = power_iteration_sigma1(torch.zeros(2, 4, 3))
+    assert torch.equal(zero, torch.zeros(2))
+
+
+def test_sigma_ratio_matches_svdvals():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 60, generator=gen, dtype=torch.float64)
+    sv = torch.linalg.svdvals(w)
+    for k in (1, 5, 10, 38):  # ARPACK
+        assert sigma_ratio(w, k) == pytest.approx(float(sv[k - 1] / sv[0]), rel=1e-8)
+    for k in (39, 40):  # dense fallback
+        assert sigma_ratio(w, k) == pytest.approx(float(sv[k - 1] / sv[0]), rel=1e-12)
+    assert sigma_ratio(w, 100) == pytest.approx(float(sv[-1] / sv[0]), rel=1e-12)  # k clipped
+    assert sigma_ratio(w.T.float(), 10) == pytest.approx(float(sv[9] / sv[0]), rel=1e-5)
+    assert sigma_ratio(torch.zeros(5, 8), 3) == 0.0
+    with pytest.raises(ValueError, match="k must"):
+        sigma_ratio(w, 0)
+
+
+# --- the factor F_b ≈ U_k V_kᵀ --------------------------------------------------------------------
+
+
+def test_ns_factor_approximates_projector(table):
+    """A clear gap at σ_k: F_bᵀF_b ≈ V_kV_kᵀ for every example, with the ratio of the first."""
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 24, 40, 6
+    s = torch.cat([torch.linspace(1.0, 0.85, k), torch.linspace(0.6, 0.01, m - k)]).double()
+    ws, vs = [], []
+    for scale in (1.0, 7.0, 0.02):  # per-example normalisation: the norms differ widely
+        w, _, v = with_singular_values(s * scale, m, n, gen)
+        ws.append(w)
+        vs.append(v[:, :k])
+    w = torch.stack(ws)
+    ratio = sigma_ratio(w[0], k)
+    assert ratio == pytest.approx(0.85)
+    f = ns_factor(w, ratio, table)
+    assert f.shape == w.shape and f.dtype == w.dtype
+    for b, v in enumerate(vs):
+        cov = f[b].T @ f[b]  # (n, n)
+        assert float(torch.linalg.matrix_norm(cov - v @ v.T, ord=2)) < 0.02
+
+
+def test_ns_factor_zero_and_rank_deficient(table):
+    gen = torch.Generator().manual_seed(4)
+    s = torch.tensor([2.0, 1.9], dtype=torch.float64)
+    low_rank, _, v = with_singular_values(s, 8, 10, gen)  # rank 2
+    w = torch.stack([low_rank, torch.zeros(8, 10, dtype=torch.float64)])
+    f = ns_factor(w, 0.95, table)
+    assert bool(torch.isfinite(f).all())
+    assert torch.equal(f[1], torch.zeros(8, 10, dtype=torch.float64))
+    sv = torch.linalg.svdvals(f[0])
+    assert float(sv[2:].max()) < 1e-10  # still rank 2
+    torch.testing.assert_close(f[0].T @ f[0], v @ v.T, rtol=0, atol=0.03)
+    assert bool(torch.isfinite(ns_factor(torch.zeros(3, 4, 5), 0.0, table)).all())
+
+
+def test_ns_factor_redoes_underestimated_sigma(table, monkeypatch):
+    """A σ̂_1 far below σ_1 pushes singular values past the invariant interval, where the
+    t = 0.5 composition blows up; ns_factor then redoes the example with the exact σ_1."""
+    gen = torch.Generator().manual_seed(5)
+    s = torch.tensor([1.0, 0.9, 0.3, 0.1], dtype=torch.float64)
+    w = torch.stack([with_singular_values(s, 6, 9, gen)[0] for _ in range(2)])
+    coeffs = coefficients_for(0.55, table)
+    reference = newton_schulz(w, coeffs, table.iterations)  # σ_1 = 1 exactly
+    assert not bool(torch.isfinite(newton_schulz(w / 0.7, coeffs, table.iterations)).all())
+    monkeypatch.setattr(
+        ns, "power_iteration_sigma1", lambda w, iters: torch.tensor([0.7, 1.0], dtype=w.dtype)
+    )
+    torch.testing.assert_close(ns_factor(w, 0.55, table), reference, rtol=0, atol=1e-9)
