@@ -65,11 +65,11 @@ def tangent_forward(
             jac = MaskedLinearJacobian(layers[i + 1].weight, mask)
         site = Site(index=i, x=h, s=s, jacobian=jac)
         v = inject(site)
-        ts = v if t is None else F.linear(t, linear.weight) + v
+        ts = v if t is None else torch.addmm(v, t, linear.weight.T)  # W_i ẋ_i + v_i
         sites.append(site)
         injected.append(v)
         if jac is not None:
-            h, t = s * jac.mask, ts * jac.mask
+            h, t = torch.relu(s), ts * jac.mask
     log_p = F.log_softmax(s, dim=1)
     loss = F.nll_loss(log_p, y)
     residual = log_p.exp()  # ∂CE_b/∂s_l = softmax − onehot

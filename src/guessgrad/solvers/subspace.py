@@ -38,6 +38,9 @@ __all__ = [
 
 #: block Krylov depth: the search space is span{Q, GQ, …, G^depth Q}
 DEFAULT_DEPTH = 2
+#: Rayleigh–Ritz by subspace iteration: ``DEFAULT_RITZ_ITERS`` products with T^power
+DEFAULT_RITZ_POWER = 4
+DEFAULT_RITZ_ITERS = 6
 
 
 def _rtol(dtype: torch.dtype) -> float:
@@ -96,25 +99,93 @@ def _fill_rows(new: Tensor, old: Tensor) -> Tensor:
     return orthonormalize_rows(torch.where(dead.unsqueeze(1), old, new).unsqueeze(0))[0]
 
 
+#: jitter factors, in units of eps·mean(diag(q qᵀ)), tried in turn by cholesky_orthonormalize
+_JITTERS = (2.0, 1e2, 1e4)
+
+
+def cholesky_orthonormalize(q: Tensor, *, equilibrate: bool = False) -> Tensor:
+    """Cholesky QR of the rows of each ``q[b]``: L⁻¹ q with L Lᵀ = q qᵀ + δ I, ``(B, p, n)``.
+
+    The jitter δ = c·eps·mean(diag(q qᵀ)), with the smallest c in ``_JITTERS`` for which the
+    factorization succeeds (per example), keeps it finite on rank-deficient blocks: a row that
+    is (numerically) a combination of the others comes out with a norm of order eps/sqrt(δ) ≪ 1
+    instead of being blown up to a unit vector of rounding noise; a small c keeps its error on
+    well-conditioned blocks at the level of rounding.
+    Batched Cholesky is about 50× faster than a batched symmetric eigensolver on small
+    matrices, which is why the solver never calls one.
+
+    ``equilibrate=True`` scales every row to unit norm first, so that rows of very different
+    sizes (a decaying spectrum) all survive the jitter; only (numerically) dependent rows and
+    zero rows then come out small.
+    """
+    if equilibrate:
+        q = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
+    gram = q @ q.mT  # (B, p, p)
+    p = gram.shape[-1]
+    mean_diag = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1, keepdim=True)  # (B, 1)
+    eye = torch.eye(p, dtype=q.dtype, device=q.device)
+    tiny = torch.finfo(q.dtype).tiny
+
+    def factor(c: float) -> tuple[Tensor, Tensor]:
+        jitter = (c * torch.finfo(q.dtype).eps * mean_diag).clamp_min(tiny)  # (B, 1)
+        return torch.linalg.cholesky_ex(gram + jitter.unsqueeze(-1) * eye)
+
+    chol, info = factor(_JITTERS[0])
+    for c in _JITTERS[1:]:  # a larger jitter only where the smaller one failed
+        failed = info != 0
+        if not bool(failed.any()):
+            break
+        retry, retry_info = factor(c)
+        chol = torch.where(failed.view(-1, 1, 1), retry, chol)
+        info = torch.where(failed, retry_info, info)
+    return torch.linalg.solve_triangular(chol, q, upper=False)
+
+
+def _dominant_subspace(t: Tensor, k: int, power: int, iters: int) -> Tensor:
+    """``(B, p, k)`` orthonormal columns spanning ≈ the top-k eigenspace of each PSD ``t``.
+
+    Subspace iteration Z ← orth(T^power Z) from a fixed random start, ``iters`` times: the
+    k-th/(k+1)-th eigenvalue ratio enters as its (power·iters)-th power.  Orthonormalising
+    between products keeps all k directions representable in float32, which one high power
+    of T would not.  Only small matrix products and Cholesky QR.
+    """
+    p = t.shape[-1]
+    scale = torch.diagonal(t, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(t.dtype).tiny)
+    tp = t / scale.view(-1, 1, 1)
+    for _ in range(power - 1):
+        tp = tp @ (t / scale.view(-1, 1, 1))
+    fixed = torch.Generator().manual_seed(0)
+    z = torch.randn(p, k, generator=fixed, dtype=torch.float64).to(t.dtype).to(t.device)
+    z = z.expand(t.shape[0], p, k)
+    for _ in range(iters):
+        z = cholesky_orthonormalize((tp @ z).mT, equilibrate=True).mT  # (B, p, k)
+    return cholesky_orthonormalize(z.mT, equilibrate=True).mT
+
+
 def block_krylov(
     jacobian: UpstreamJacobian,
     k: int,
     start: Tensor,
     *,
     depth: int = DEFAULT_DEPTH,
+    ritz_power: int = DEFAULT_RITZ_POWER,
+    ritz_iters: int = DEFAULT_RITZ_ITERS,
 ) -> tuple[Tensor, Tensor]:
     """Approximate top-k right singular vectors of every W̃_b by block Krylov + Rayleigh–Ritz.
 
     The search space of example b is the block Krylov space
     K_b = span{Q_b, G_b Q_b, …, G_b^depth Q_b} with Q_b = P_b S (S the shared warm start,
-    P_b = ``jacobian.restrict``, the ReLU mask for an MLP), of dimension b·(depth + 1) where
-    b = ``start.shape[0]``.
+    P_b = ``jacobian.restrict``, the ReLU mask for an MLP), of dimension p = b·(depth + 1)
+    where b = ``start.shape[0]``.  The Rayleigh–Ritz step takes the top-k eigenspace of the
+    p × p projection T_b = K_bᵀ G_b K_b by subspace iteration with T_b^ritz_power, ritz_iters
+    times, rather than by a batched eigensolver (see :func:`cholesky_orthonormalize` for why).
 
     Args:
         jacobian: the W̃_b, batch B, shape m × n.
         k: subspace size (≤ b·(depth + 1)).
         start: ``(b, n)`` orthonormal rows S shared by all examples.
         depth: Krylov depth q ≥ 0; the cost is q + 1 block products with G_b.
+        ritz_power, ritz_iters: the Rayleigh–Ritz subspace iteration.
 
     Returns:
         ``(basis (B, k, n), next_start (b, n))``: orthonormal rows (zero rows past the rank)
@@ -123,7 +194,7 @@ def block_krylov(
     """
     bsz, b = jacobian.batch, start.shape[0]
     x = jacobian.restrict(start.unsqueeze(0).expand(bsz, b, -1))  # (B, b, n) = P_b S
-    q = orthonormalize_rows(x)
+    q = cholesky_orthonormalize(x, equilibrate=True)
     gq = jacobian.gram_apply(q)  # (B, b, n)
     next_start = _fill_rows(orthonormalize_rows(gq.mean(0, keepdim=True))[0], start)
     blocks, gblocks = [q], [gq]
@@ -132,17 +203,26 @@ def block_krylov(
         v = gblocks[-1]
         for _ in range(2):  # block Gram–Schmidt, twice for orthogonality in float32
             v = v - (v @ basis.mT) @ basis
-        # Once the Krylov space of an example is exhausted (rank(G_b) < b·j), v is rounding
-        # noise of size ~eps·‖G Q‖ inside span(basis); normalising it would duplicate
-        # directions already in basis, so directions below that noise level are dropped.
-        noise = _rtol(v.dtype) ** 2 * gblocks[-1].square().sum((1, 2)).unsqueeze(-1)  # (B, 1)
-        q = _lowdin(v, noise) @ v
-        # a small but genuine residual loses orthogonality to basis when normalised: restore it
-        q = orthonormalize_rows(q - (q @ basis.mT) @ basis)
+        # Where the Krylov space of an example is exhausted (rank(G_b) < b·j), rows of v are
+        # rounding noise of size ~eps·‖G Q‖: zero them rather than normalising noise into
+        # spurious unit directions; scale the others to unit norm.
+        scale = gblocks[-1].norm(dim=-1).amax(-1, keepdim=True).unsqueeze(-1)  # (B, 1, 1)
+        norms = v.norm(dim=-1, keepdim=True)  # (B, b, 1)
+        alive = norms > _rtol(v.dtype) * scale
+        v = torch.where(alive, v / norms.clamp_min(torch.finfo(v.dtype).tiny), 0.0)
+        # Cholesky QR of [basis; v] orthogonalises v against basis once more and normalises it
+        q = cholesky_orthonormalize(torch.cat([basis, v], dim=1))[:, -b:]
         blocks.append(q)
         gblocks.append(jacobian.gram_apply(q))
-    _, vectors = rayleigh_ritz(torch.cat(blocks, dim=1), torch.cat(gblocks, dim=1), k)
-    return vectors, next_start
+    kk = torch.cat(blocks, dim=1)  # (B, p, n)
+    t = kk @ torch.cat(gblocks, dim=1).mT  # (B, p, p) = Kᵀ G K
+    t = 0.5 * (t + t.mT)
+    z = _dominant_subspace(t, k, ritz_power, ritz_iters)  # (B, p, k)
+    vectors = cholesky_orthonormalize(z.mT @ kk, equilibrate=True)  # (B, k, n)
+    # directions the Krylov space does not really hold come out of the jittered Cholesky
+    # with norm ≪ 1: drop them, renormalise the rest exactly
+    norms = vectors.norm(dim=-1, keepdim=True)
+    return torch.where(norms > 0.5, vectors / norms.clamp_min(1e-30), 0.0), next_start
 
 
 def exact_row_space(jacobian: UpstreamJacobian, k: int) -> Tensor:
