@@ -123,7 +123,8 @@ class WPerp(ForwardGradient):
     Args:
         k: subspace size (paper default and best: 10), or ``"rank"``.
         subspace: ``"top"`` or ``"bottom"``.
-        solver: ``"svd"`` (exact, the paper's), ``"subspace"`` (block Krylov, fast) or
+        solver: ``"subspace"`` (block Krylov, fast; the default), ``"svd"`` (exact, the
+            paper's construction; needed for ``subspace="bottom"``) or
             ``"newton-schulz"`` (the paper's W̃⊥-NS, §2.6).
         depth, block, chunk: block Krylov depth, block size and examples per solve for
             ``solver="subspace"``.
@@ -136,7 +137,7 @@ class WPerp(ForwardGradient):
         self,
         k: int | Literal["rank"] = 10,
         subspace: Literal["top", "bottom"] = "top",
-        solver: str = "svd",
+        solver: str = "subspace",
         *,
         depth: int = DEFAULT_DEPTH,
         block: int | None = None,

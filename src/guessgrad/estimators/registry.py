@@ -38,6 +38,7 @@ def make_estimator(name: str, **options: Any) -> Estimator:
 
 
 def _w_perp_bottom(**options: Any) -> Estimator:
+    options.setdefault("solver", "svd")  # bottom-k subspaces need the exact SVD
     return WPerp(subspace="bottom", **options)
 
 

@@ -197,25 +197,28 @@ def block_krylov(
     q = cholesky_orthonormalize(x, equilibrate=True)
     gq = jacobian.gram_apply(q)  # (B, b, n)
     next_start = _fill_rows(orthonormalize_rows(gq.mean(0, keepdim=True))[0], start)
-    blocks, gblocks = [q], [gq]
-    for _ in range(depth):
-        basis = torch.cat(blocks, dim=1)  # (B, b·j, n)
-        v = gblocks[-1]
-        for _ in range(2):  # block Gram–Schmidt, twice for orthogonality in float32
-            v = v - (v @ basis.mT) @ basis
+    p = b * (depth + 1)
+    kk = q.new_empty(bsz, p, q.shape[-1])  # (B, p, n) the Krylov basis, filled block by block
+    gk = torch.empty_like(kk)  # (B, p, n) G applied to it
+    kk[:, :b], gk[:, :b] = q, gq
+    for j in range(1, depth + 1):
+        basis = kk[:, : b * j]  # (B, b·j, n), orthonormal rows
+        v = gk[:, b * (j - 1) : b * j] - (gk[:, b * (j - 1) : b * j] @ basis.mT) @ basis
         # Where the Krylov space of an example is exhausted (rank(G_b) < b·j), rows of v are
         # rounding noise of size ~eps·‖G Q‖: zero them rather than normalising noise into
         # spurious unit directions; scale the others to unit norm.
-        scale = gblocks[-1].norm(dim=-1).amax(-1, keepdim=True).unsqueeze(-1)  # (B, 1, 1)
+        scale = gk[:, b * (j - 1) : b * j].norm(dim=-1).amax(-1).view(-1, 1, 1)  # (B, 1, 1)
         norms = v.norm(dim=-1, keepdim=True)  # (B, b, 1)
         alive = norms > _rtol(v.dtype) * scale
         v = torch.where(alive, v / norms.clamp_min(torch.finfo(v.dtype).tiny), 0.0)
-        # Cholesky QR of [basis; v] orthogonalises v against basis once more and normalises it
-        q = cholesky_orthonormalize(torch.cat([basis, v], dim=1))[:, -b:]
-        blocks.append(q)
-        gblocks.append(jacobian.gram_apply(q))
-    kk = torch.cat(blocks, dim=1)  # (B, p, n)
-    t = kk @ torch.cat(gblocks, dim=1).mT  # (B, p, p) = Kᵀ G K
+        v = v - (v @ basis.mT) @ basis  # second Gram–Schmidt pass, for float32
+        # a row that loses half its norm to the second pass was numerically dependent
+        norms = v.norm(dim=-1, keepdim=True)
+        v = torch.where(norms > 0.5, v / norms.clamp_min(torch.finfo(v.dtype).tiny), 0.0)
+        q = cholesky_orthonormalize(v)
+        kk[:, b * j : b * (j + 1)] = q
+        gk[:, b * j : b * (j + 1)] = jacobian.gram_apply(q)
+    t = kk @ gk.mT  # (B, p, p) = Kᵀ G K
     t = 0.5 * (t + t.mT)
     z = _dominant_subspace(t, k, ritz_power, ritz_iters)  # (B, p, k)
     vectors = cholesky_orthonormalize(z.mT @ kk, equilibrate=True)  # (B, k, n)
