@@ -203,18 +203,17 @@ def block_krylov(
     kk[:, :b], gk[:, :b] = q, gq
     for j in range(1, depth + 1):
         basis = kk[:, : b * j]  # (B, b·j, n), orthonormal rows
-        v = gk[:, b * (j - 1) : b * j] - (gk[:, b * (j - 1) : b * j] @ basis.mT) @ basis
+        w = gk[:, b * (j - 1) : b * j]  # (B, b, n) G times the previous block
+        v = w - (w @ basis.mT) @ basis
+        v = v - (v @ basis.mT) @ basis  # block Gram–Schmidt twice, for float32
         # Where the Krylov space of an example is exhausted (rank(G_b) < b·j), rows of v are
         # rounding noise of size ~eps·‖G Q‖: zero them rather than normalising noise into
         # spurious unit directions; scale the others to unit norm.
-        scale = gk[:, b * (j - 1) : b * j].norm(dim=-1).amax(-1).view(-1, 1, 1)  # (B, 1, 1)
+        scale = w.norm(dim=-1).amax(-1).view(-1, 1, 1)  # (B, 1, 1)
         norms = v.norm(dim=-1, keepdim=True)  # (B, b, 1)
-        alive = norms > _rtol(v.dtype) * scale
-        v = torch.where(alive, v / norms.clamp_min(torch.finfo(v.dtype).tiny), 0.0)
-        v = v - (v @ basis.mT) @ basis  # second Gram–Schmidt pass, for float32
-        # a row that loses half its norm to the second pass was numerically dependent
-        norms = v.norm(dim=-1, keepdim=True)
-        v = torch.where(norms > 0.5, v / norms.clamp_min(torch.finfo(v.dtype).tiny), 0.0)
+        v = v * torch.where(
+            norms > _rtol(v.dtype) * scale, norms.clamp_min(1e-30).reciprocal(), 0.0
+        )
         q = cholesky_orthonormalize(v)
         kk[:, b * j : b * (j + 1)] = q
         gk[:, b * j : b * (j + 1)] = jacobian.gram_apply(q)
