@@ -1,0 +1,92 @@
+"""The ``guessgrad`` command: ``train``, ``reproduce``, ``report``, ``diagnose`` (and
+``bench`` where :mod:`guessgrad.bench` is installed).
+
+    guessgrad train --method w-perp --k 10 --width 128 --epochs 300
+    guessgrad reproduce table3 --quick
+    guessgrad report table3 --quick
+
+Bad options and unknown names exit with status 2 and a one-line message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .. import __version__
+from .common import UsageError
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of usage dumps."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    """``guessgrad bench``, delegated to ``guessgrad.bench`` if that module exists."""
+    if importlib.util.find_spec("guessgrad.bench") is None:
+        return
+    try:
+        bench = importlib.import_module("guessgrad.bench")
+    except Exception as err:  # a broken optional module must not break the other commands
+        reason = f"{type(err).__name__}: {err}"
+        p = sub.add_parser("bench", help="benchmarks (unavailable: failed to import)")
+
+        def unavailable(_args: argparse.Namespace) -> int:
+            raise UsageError(f"guessgrad.bench could not be imported: {reason}")
+
+        p.set_defaults(func=unavailable)
+        return
+    p = sub.add_parser("bench", help="benchmarks of the estimators and solvers")
+    bench.configure_parser(p)
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return bench.main(args)
+        except ValueError as err:  # bad option values
+            raise UsageError(str(err)) from None
+
+    p.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``guessgrad`` argument parser with every subcommand."""
+    from . import diagnose, reproduce, train
+
+    parser = _Parser(
+        prog="guessgrad",
+        description="Backpropagation-free training by guessing gradients (W̃⊥ and baselines).",
+    )
+    parser.add_argument("--version", action="version", version=f"guessgrad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    train.configure_parser(sub)
+    reproduce.configure_parsers(sub)
+    diagnose.configure_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:
+        print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished runs are kept; run the same command again to resume.",
+            file=sys.stderr,
+        )
+        return 130

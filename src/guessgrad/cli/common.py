@@ -1,0 +1,125 @@
+"""Option types and checks shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+
+from ..estimators import ESTIMATORS, make_estimator
+from ..training import TrainConfig, resolve_device
+
+__all__ = [
+    "UsageError",
+    "positive_int",
+    "positive_float",
+    "nonnegative_float",
+    "k_value",
+    "add_estimator_options",
+    "estimator_options",
+    "check_estimator",
+    "device_name",
+    "default_jobs",
+    "set_threads",
+]
+
+
+class UsageError(Exception):
+    """A bad option value: reported in one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def k_value(text: str) -> int | str:
+    """``--k``: a positive integer or ``rank``."""
+    if text == "rank":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive integer or 'rank', got {text!r}"
+        ) from None
+
+
+def add_estimator_options(p: argparse.ArgumentParser, *, default_method: str) -> None:
+    p.add_argument(
+        "--method",
+        default=default_method,
+        metavar="NAME",
+        help=f"estimator: {', '.join(ESTIMATORS)} (default: %(default)s)",
+    )
+    p.add_argument("--k", type=k_value, help="W̃⊥ subspace size k, or 'rank' (paper: 10)")
+    p.add_argument("--solver", help="W̃⊥ solver: svd (exact), subspace (fast), newton-schulz")
+    p.add_argument("--sigma", type=positive_float, help="W̃P's σ (paper: 1e-5)")
+
+
+def estimator_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The estimator options given on the command line (unset ones are left out)."""
+    return {k: getattr(args, k) for k in ("k", "solver", "sigma") if getattr(args, k) is not None}
+
+
+def check_estimator(method: str, options: dict[str, Any]) -> None:
+    """Build the estimator once, so that a bad name or option is a usage error."""
+    try:
+        make_estimator(method, **options)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def device_name(device: str) -> str:
+    """The concrete device for ``auto|cpu|cuda|mps``."""
+    try:
+        return str(resolve_device(device))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def make_config(**fields: Any) -> TrainConfig:
+    try:
+        return TrainConfig(**fields)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def default_jobs() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)

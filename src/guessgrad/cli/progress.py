@@ -1,0 +1,138 @@
+"""Progress display: a tqdm bar on a terminal, plain lines otherwise, nothing when quiet.
+
+Progress goes to stderr; results (summaries, tables) go to stdout.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from ..experiments.runner import Outcome
+
+__all__ = ["TrainProgress", "SweepProgress"]
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    return hasattr(stream, "isatty") and stream.isatty()
+
+
+class TrainProgress:
+    """Per-epoch progress of one training run (``train``'s ``on_epoch``/``on_step``)."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, *, quiet: bool, desc: str) -> None:
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.stream = sys.stderr
+        self.quiet = quiet
+        self.every = max(1, math.ceil(epochs / 20))  # plain lines: about 20 per run
+        self.bar: tqdm | None = None
+        if not quiet and _is_terminal(self.stream):
+            self.bar = tqdm(total=epochs, desc=desc, unit="epoch", file=self.stream)
+        self._wall: float | None = None  # training time at the previous epoch's end
+        self._first_step: float | None = None
+        self._steps = 0
+
+    def on_step(self, _step: int, _loss: float) -> None:
+        if self._first_step is None:
+            self._first_step = time.perf_counter()
+        self._steps += 1
+
+    def on_epoch(self, line: dict[str, Any]) -> None:
+        epoch = line["epoch"]
+        if self._wall is None and epoch > 1:  # resumed: time this epoch's steps directly
+            elapsed = time.perf_counter() - (self._first_step or time.perf_counter())
+            rate = (self._steps - 1) / max(elapsed, 1e-9)
+        else:
+            rate = self._steps / max(line["wall_seconds"] - (self._wall or 0.0), 1e-9)
+        self._wall, self._first_step, self._steps = line["wall_seconds"], None, 0
+        if self.bar is not None:
+            self.bar.update(epoch - self.bar.n)
+            self.bar.set_postfix(
+                {
+                    "loss": f"{line['train_loss']:.4f}",
+                    "train": f"{line['train_accuracy']:.3f}",
+                    "test": f"{line['test_accuracy']:.3f}",
+                    "steps/s": f"{rate:.1f}",
+                }
+            )
+        elif not self.quiet and (epoch % self.every == 0 or epoch in (1, self.epochs)):
+            print(
+                f"epoch {epoch}/{self.epochs}  loss {line['train_loss']:.4f}  "
+                f"train {line['train_accuracy']:.3f}  test {line['test_accuracy']:.3f}  "
+                f"{rate:.1f} steps/s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SweepProgress:
+    """Progress of a sweep (:class:`guessgrad.experiments.runner.Progress`)."""
+
+    def __init__(self, *, quiet: bool) -> None:
+        self.quiet = quiet
+        self.stream = sys.stderr
+        self.bar: tqdm | None = None
+        self.tasks = 0
+        self.count = 0
+        self.failed: list[Outcome] = []
+
+    def _write(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def phase(self, name: str, tasks: int, total: int, unit: str) -> None:
+        self._close_bar()
+        self.tasks, self.count = tasks, 0
+        noun = "run" if unit == "epoch" else "measurement"
+        if self.quiet:
+            return
+        if _is_terminal(self.stream):
+            self.bar = tqdm(total=total, desc=name, unit=unit, file=self.stream)
+            self.bar.set_postfix_str(f"0/{tasks} {noun}s")
+        else:
+            extra = f", {total} epochs" if unit == "epoch" else ""
+            self._write(f"{name}: {tasks} {noun}(s){extra}")
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def finished(self, outcome: Outcome) -> None:
+        self.count += 1
+        task = outcome.task
+        head = f"[{self.count}/{self.tasks}] {task.label()}"
+        if outcome.status == "failed":
+            self.failed.append(outcome)
+            self._write(f"{head} FAILED: {outcome.message}")
+        elif outcome.status == "done":
+            r = outcome.result
+            if "train_accuracy" in r:
+                self._write(
+                    f"{head}: train {r['train_accuracy']:.3f}, test {r['test_accuracy']:.3f} "
+                    f"({outcome.seconds:.0f} s)"
+                )
+            else:
+                self._write(f"{head} ({outcome.seconds:.0f} s)")
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{self.count}/{self.tasks} done")
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        self._close_bar()

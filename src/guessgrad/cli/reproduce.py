@@ -1,0 +1,181 @@
+"""``guessgrad reproduce EXPERIMENT`` and ``guessgrad report EXPERIMENT``.
+
+``reproduce`` computes whatever the experiment's tables and figures lack in the run store
+``OUT/runs/`` (finished runs are never recomputed; interrupted ones resume), then writes
+``OUT/<experiment>/table.md``, ``summary.json`` and the figures, and prints the tables.
+``report`` (or ``reproduce --report-only``) only renders from the stored runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..experiments import EXPERIMENTS, Experiment, plan, report, run_tasks, unavailable_methods
+from .common import UsageError, default_jobs, device_name, positive_int
+from .progress import SweepProgress
+
+__all__ = ["configure_parsers", "run_reproduce", "run_report", "Selection", "select"]
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: a count N (seeds 0..N-1) or a comma-separated list of seeds."""
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        else:
+            seeds = list(range(positive_int(text)))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seeds or a list like 0,1,2, got {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return seeds
+
+
+def _width_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(positive_int(w) for w in text.split(",") if w.strip())
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected widths like 64,128, got {text!r}") from None
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    names = ", ".join([*EXPERIMENTS, "all"])
+    p.add_argument("experiment", metavar="EXPERIMENT", help=f"one of {names}")
+    p.add_argument(
+        "--seeds",
+        type=_seed_list,
+        help="number of seeds (0..N-1) or a list like 0,3,7 (default: 3; 1 with --quick)",
+    )
+    p.add_argument("--epochs", type=positive_int, help="training epochs (default: 300)")
+    p.add_argument("--widths", type=_width_list, help="only these widths, e.g. 64,128")
+    p.add_argument("--quick", action="store_true", help="the experiment's cheap preset")
+    p.add_argument(
+        "--out", type=Path, default=Path("results"), help="results directory (default: results)"
+    )
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def configure_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "reproduce",
+        help="run a paper experiment (resumable) and print its tables",
+        description="Run the training runs and measurements of a paper experiment that are "
+        "not in the run store yet, then write and print its tables and figures.",
+    )
+    _add_selection(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        default=default_jobs(),
+        help="runs in parallel processes (default: CPU cores, %(default)s here)",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch threads per process (default: 1 with --jobs > 1, else torch's)",
+    )
+    p.add_argument("--report-only", action="store_true", help="only render stored runs")
+    p.set_defaults(func=run_reproduce)
+
+    r = sub.add_parser(
+        "report",
+        help="render a paper experiment's tables and figures from stored runs",
+        description="Render tables and figures from the run store, without training.",
+    )
+    _add_selection(r)
+    r.set_defaults(func=run_report)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """An experiment with the options applied, and its seeds and epochs."""
+
+    experiment: Experiment
+    seeds: tuple[int, ...]
+    epochs: int
+
+
+def select(args: argparse.Namespace) -> list[Selection]:
+    """The experiments named by ``args.experiment`` with ``--quick``, ``--widths``,
+    ``--seeds`` and ``--epochs`` applied."""
+    name = args.experiment
+    if name != "all" and name not in EXPERIMENTS:
+        raise UsageError(
+            f"unknown experiment {name!r}; available: {', '.join([*EXPERIMENTS, 'all'])}"
+        )
+    chosen = list(EXPERIMENTS.values()) if name == "all" else [EXPERIMENTS[name]]
+    out = []
+    for exp in chosen:
+        if args.quick:
+            exp = exp.with_preset(exp.quick)
+        if args.widths:
+            widths = sorted({c.width for c in exp.cells})
+            exp = exp.restrict(args.widths)
+            if not exp.cells:
+                if name != "all":
+                    raise UsageError(
+                        f"{exp.name} has no cells at widths {_join(args.widths)}; "
+                        f"its widths: {_join(widths)}"
+                    )
+                continue
+        seeds = tuple(args.seeds) if args.seeds else tuple(range(exp.seeds))
+        out.append(Selection(exp, seeds, args.epochs or exp.epochs))
+    if not out:
+        raise UsageError(f"no experiment has cells at widths {_join(args.widths)}")
+    return out
+
+
+def _join(values: object) -> str:
+    return ", ".join(map(str, values))  # type: ignore[call-overload]
+
+
+def _render(selections: list[Selection], out: Path, quiet: bool) -> None:
+    unavailable = unavailable_methods(s.experiment for s in selections)
+    for s in selections:
+        markdown = report(
+            s.experiment, out, out, seeds=s.seeds, epochs=s.epochs, unavailable=unavailable
+        )
+        if not quiet:
+            print(markdown)
+            print(f"(written to {out / s.experiment.name}/)\n")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    _render(select(args), args.out, args.quiet)
+    return 0
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    selections = select(args)
+    if args.report_only:
+        _render(selections, args.out, args.quiet)
+        return 0
+    device = device_name(args.device)
+    unavailable = unavailable_methods(s.experiment for s in selections)
+    if not args.quiet:
+        for m, reason in unavailable.items():
+            print(f"note: {m.label} is left out: {reason}", file=sys.stderr)
+    tasks = [
+        task
+        for s in selections
+        for task in plan(
+            s.experiment, seeds=s.seeds, epochs=s.epochs, device=device, skip=unavailable
+        )
+    ]
+    progress = SweepProgress(quiet=args.quiet)
+    outcomes = run_tasks(tasks, args.out, jobs=args.jobs, threads=args.threads, progress=progress)
+    _render(selections, args.out, args.quiet)
+    failed = [o for o in outcomes if o.status == "failed"]
+    for o in failed:
+        print(
+            f"failed: {o.task.label()}: {o.message} "
+            f"(traceback in {args.out / 'runs' / o.task.config.slug() / 'error.log'})",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0

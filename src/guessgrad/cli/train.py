@@ -1,0 +1,124 @@
+"""``guessgrad train``: one training run with the PAPER.md §4 defaults.
+
+Writes ``config.json``, ``metrics.jsonl`` and, at the end, ``final.json`` into ``--out``
+(default ``results/runs/<slug>``, the run store of ``guessgrad reproduce``, so a run trained
+here is reused by the experiments and a finished run is not trained again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from ..data import mnist1d
+from ..training import TrainConfig, train
+from .common import (
+    add_estimator_options,
+    check_estimator,
+    device_name,
+    estimator_options,
+    make_config,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+    set_threads,
+)
+from .progress import TrainProgress
+
+__all__ = ["configure_parser", "run"]
+
+_DEFAULTS = TrainConfig()
+
+
+def configure_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train one MLP on MNIST-1D with an estimator",
+        description="Train one MLP on MNIST-1D (PAPER.md §4 defaults) with a gradient estimator.",
+    )
+    add_estimator_options(p, default_method=_DEFAULTS.method)
+    p.add_argument(
+        "--width",
+        type=positive_int,
+        default=_DEFAULTS.width,
+        help="hidden width (default: %(default)s)",
+    )
+    p.add_argument(
+        "--depth",
+        type=positive_int,
+        default=_DEFAULTS.depth,
+        help="hidden layers (default: %(default)s)",
+    )
+    p.add_argument(
+        "--epochs", type=positive_int, default=_DEFAULTS.epochs, help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--lr",
+        type=positive_float,
+        default=_DEFAULTS.lr,
+        help="AdamW learning rate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=_DEFAULTS.batch_size,
+        help="(default: %(default)s)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=nonnegative_float,
+        default=_DEFAULTS.weight_decay,
+        help="AdamW weight decay (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=_DEFAULTS.seed,
+        help="seed of the initial weights, batch order and guesses (default: %(default)s)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, help="output directory (default: results/runs/<slug>)")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = estimator_options(args)
+    check_estimator(args.method, options)
+    config = make_config(
+        method=args.method,
+        width=args.width,
+        depth=args.depth,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        device=device_name(args.device),
+        options=options,
+    )
+    set_threads(args.threads)
+    out = args.out if args.out is not None else Path("results") / "runs" / config.slug()
+    already = (out / "final.json").exists()
+    data = mnist1d()
+    steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
+    progress = TrainProgress(
+        config.epochs, steps_per_epoch, quiet=args.quiet or already, desc=config.slug()
+    )
+    try:
+        final = train(
+            config, out_dir=out, data=data, on_epoch=progress.on_epoch, on_step=progress.on_step
+        )
+    finally:
+        progress.close()
+    if not args.quiet:
+        if already:
+            print(f"{out} holds a finished run: not trained again (remove it, or pass --out).")
+        print(
+            f"{config.slug()}: train accuracy {final['train_accuracy']:.4f}, "
+            f"test accuracy {final['test_accuracy']:.4f}, {final['steps']} steps in "
+            f"{final['wall_seconds']:.1f} s on {final['device']} -> {out}"
+        )
+    return 0

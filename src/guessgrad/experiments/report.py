@@ -1,0 +1,470 @@
+"""Tables, figures and summaries of an experiment, read from the run store (no training).
+
+For each cell: the value of every seed's run, their mean and sample standard deviation, the
+paper's number and the comparison, ``ours − paper`` for accuracies, overlaps and ranks, and
+``ours ÷ paper`` for quantities that span orders of magnitude (variance, bias, wall time).
+
+Writes ``OUT/<experiment>/table.md``, ``OUT/<experiment>/summary.json`` and the figures.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..training import atomic_write_json
+from .runner import RunStore
+from .spec import Cell, Experiment, Method, OverlapFigure, WidthFigure
+
+__all__ = ["CellResult", "collect", "render_markdown", "summarize", "draw_figures", "report"]
+
+#: how each quantity is printed, and compared with the paper ("diff" or "ratio")
+_STYLE: dict[str, tuple[str, str]] = {
+    "train_accuracy": ("{:.3f}", "diff"),
+    "test_accuracy": ("{:.3f}", "diff"),
+    "wall_seconds": ("time", "ratio"),
+    "variance_exact": ("{:.2e}", "ratio"),
+    "variance": ("{:.2e}", "ratio"),
+    "bias": ("{:.2e}", "ratio"),
+    "bias_mc": ("{:.2e}", "ratio"),
+    "cov_norm": ("{:.3f}", "diff"),
+    "overlap": ("{:.3f}", "diff"),
+    "cosine": ("{:.3f}", "diff"),
+    "rank_mean": ("{:.1f}", "diff"),
+}
+
+
+@dataclass
+class CellResult:
+    """A cell's values, one per seed (``None`` where the run or measurement is missing)."""
+
+    cell: Cell
+    seeds: list[int]
+    values: list[float | None]
+    unavailable: str = ""
+
+    @property
+    def present(self) -> list[float]:
+        return [v for v in self.values if v is not None]
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.present) if self.present else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.present) if len(self.present) > 1 else None
+
+    @property
+    def diff(self) -> float | None:
+        if self.mean is None or self.cell.paper is None:
+            return None
+        return self.mean - self.cell.paper
+
+    @property
+    def ratio(self) -> float | None:
+        if self.mean is None or not self.cell.paper:
+            return None
+        return self.mean / self.cell.paper
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.cell
+        return {
+            "section": c.section,
+            "row": c.row,
+            "col": c.col,
+            "quantity": c.quantity,
+            "method": c.run.name,
+            "options": c.run.kwargs,
+            "width": c.width,
+            "probe": None
+            if c.probe is None
+            else {
+                "kind": c.probe.kind,
+                "when": c.probe.when,
+                "layer": c.probe.layer,
+                "k": c.probe.k,
+                "estimator": None
+                if c.probe.estimator is None
+                else {"name": c.probe.estimator.name, "options": c.probe.estimator.kwargs},
+            },
+            "seeds": self.seeds,
+            "values": self.values,
+            "n": len(self.present),
+            "mean": self.mean,
+            "std": self.std,
+            "paper": c.paper,
+            "diff": self.diff,
+            "ratio": self.ratio,
+            "unavailable": self.unavailable or None,
+        }
+
+
+def _read_value(cell: Cell, store: RunStore, seed: int, epochs: int) -> float | None:
+    config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+    if cell.probe is None:
+        final = store.read(config)
+        value = None if final is None else final.get(cell.quantity)
+        return None if value is None else float(value)
+    record = store.read(config, cell.probe.file())
+    if record is None or cell.probe.layer >= len(record.get("layers", [])):
+        return None
+    layer = record["layers"][cell.probe.layer]
+    if cell.quantity == "overlap":
+        curve = layer["overlap"]
+        k = cell.probe.k or 1
+        return float(curve[min(k, len(curve)) - 1])
+    value = layer.get(cell.quantity)
+    return None if value is None else float(value)
+
+
+def collect(
+    experiment: Experiment,
+    store: RunStore,
+    *,
+    seeds: Sequence[int],
+    epochs: int,
+    unavailable: Mapping[Method, str] | None = None,
+) -> list[CellResult]:
+    """Every cell's values from the store."""
+    unavailable = unavailable or {}
+    results = []
+    for cell in experiment.cells:
+        reason = unavailable.get(cell.run) or (
+            unavailable.get(cell.probe.estimator)
+            if cell.probe is not None and cell.probe.estimator is not None
+            else None
+        )
+        values = [None if reason else _read_value(cell, store, s, epochs) for s in seeds]
+        results.append(CellResult(cell, list(seeds), values, reason or ""))
+    return results
+
+
+def _fmt(quantity: str, value: float) -> str:
+    style = _STYLE.get(quantity, ("{:.4g}", "diff"))[0]
+    if style == "time":
+        return _fmt_time(value)
+    return style.format(value)
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _fmt_cell(r: CellResult) -> str:
+    q = r.cell.quantity
+    if r.unavailable or r.mean is None:
+        text = "n/a" if r.unavailable else "—"
+        return text if r.cell.paper is None else f"{text} ({_fmt(q, r.cell.paper)})"
+    text = _fmt(q, r.mean)
+    if r.std is not None:
+        text += f" ± {_fmt(q, r.std)}"
+    if len(r.present) < len(r.values):
+        text += f" [{len(r.present)}/{len(r.values)}]"
+    if r.cell.paper is not None:
+        how = _STYLE.get(q, ("", "diff"))[1]
+        comp = f"×{r.ratio:.2g}" if how == "ratio" and r.ratio is not None else f"{r.diff:+.3f}"
+        if how == "diff" and q == "rank_mean":
+            comp = f"{r.diff:+.1f}"
+        text += f" ({_fmt(q, r.cell.paper)}, {comp})"
+    return text
+
+
+def _ordered(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _table(results: Sequence[CellResult], row_header: str) -> list[str]:
+    rows = _ordered([r.cell.row for r in results])
+    cols = _ordered([r.cell.col for r in results])
+    grid = {(r.cell.row, r.cell.col): _fmt_cell(r) for r in results}
+    lines = [
+        "| " + " | ".join([row_header or " "] + cols) + " |",
+        "|" + "---|" * (len(cols) + 1),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join([row] + [grid.get((row, c), "") for c in cols]) + " |")
+    return lines
+
+
+def _run_notes(
+    experiment: Experiment, store: RunStore, seeds: Sequence[int], epochs: int
+) -> list[str]:
+    """The estimators and hardware the stored runs actually used."""
+    estimators: dict[str, str] = {}
+    hardware: dict[str, None] = {}
+    for cell in experiment.cells:
+        if not cell.needs_training:
+            continue
+        for seed in seeds:
+            final = store.read(cell.run.config(width=cell.width, seed=seed, epochs=epochs))
+            if final is None:
+                continue
+            estimators.setdefault(cell.run.label, final.get("estimator", "?"))
+            hw = final.get("hardware") or {}
+            if hw:
+                desc = f"{hw.get('cpu', '?')}, {hw.get('torch_threads', '?')} torch thread(s)"
+                desc += f", device {hw.get('device', final.get('device', '?'))}"
+                if hw.get("gpu"):
+                    desc += f" ({hw['gpu']})"
+                hardware.setdefault(desc)
+            else:
+                hardware.setdefault(f"device {final.get('device', '?')}")
+    notes = []
+    if estimators:
+        notes.append(
+            "Estimators of the stored runs: "
+            + "; ".join(f"{label}: `{rep}`" for label, rep in estimators.items())
+            + "."
+        )
+    if hardware:
+        notes.append("Hardware of the stored runs: " + "; ".join(hardware) + ".")
+    return notes
+
+
+def render_markdown(
+    experiment: Experiment,
+    results: Sequence[CellResult],
+    *,
+    seeds: Sequence[int],
+    epochs: int,
+    notes: Sequence[str] = (),
+    figures: Sequence[str] = (),
+) -> str:
+    """The experiment's Markdown: one table per section, the legend and the notes."""
+    lines = [f"## {experiment.title}", ""]
+    lines.append(
+        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {epochs} epochs. "
+        "Each cell: ours, mean ± std over seeds ([n/N] when runs are missing) "
+        "(paper, ours − paper; or ours ÷ paper as ×r for variance, bias and time). "
+        "— = not computed yet, n/a = estimator not available."
+    )
+    lines.append("")
+    for section in _ordered([r.cell.section for r in results]):
+        if section:
+            lines += [f"**{section}**", ""]
+        lines += _table([r for r in results if r.cell.section == section], experiment.row_header)
+        lines.append("")
+    for fig in figures:
+        lines += [f"![{experiment.name}]({fig})", ""]
+    all_notes = list(experiment.notes) + list(notes)
+    if all_notes:
+        lines += ["Notes:", ""] + [f"- {n}" for n in all_notes] + [""]
+    return "\n".join(lines)
+
+
+def summarize(
+    experiment: Experiment,
+    results: Sequence[CellResult],
+    *,
+    seeds: Sequence[int],
+    epochs: int,
+    notes: Sequence[str],
+    figures: Sequence[str],
+) -> dict[str, Any]:
+    """The content of ``summary.json``."""
+    return {
+        "experiment": experiment.name,
+        "title": experiment.title,
+        "seeds": list(seeds),
+        "epochs": epochs,
+        "cells": [r.as_dict() for r in results],
+        "notes": list(experiment.notes) + list(notes),
+        "figures": list(figures),
+        "version": __version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Figures (matplotlib's object-oriented API with the Agg canvas: no display needed).
+
+
+def _mathtext(label: str) -> str:
+    for plain, tex in (("W̃ᵀ", r"$\tilde{W}^\top$"), ("W̃⊥", r"$\tilde{W}^\perp$"),
+                       ("W̃P", r"$\tilde{W}P$"), ("W̃", r"$\tilde{W}$")):  # fmt: skip
+        label = label.replace(plain, tex)
+    return label
+
+
+def _draw_widths(
+    fig_spec: WidthFigure, results: Sequence[CellResult], path: Path, subtitle: str
+) -> bool:
+    from matplotlib.figure import Figure
+
+    cells = [r for r in results if r.cell.quantity == fig_spec.quantity and r.cell.section == ""]
+    if not any(r.mean is not None for r in cells):
+        return False
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    handles = []
+    for i, col in enumerate(_ordered([r.cell.col for r in cells])):
+        curve = sorted((r for r in cells if r.cell.col == col), key=lambda r: r.cell.width)
+        color = f"C{i}"
+        pts = [(r.cell.width, r.mean, r.std or 0.0) for r in curve if r.mean is not None]
+        if pts:
+            x, y, e = zip(*pts)
+            handles.append(
+                ax.errorbar(x, y, yerr=e, color=color, marker="o", capsize=3, label=_mathtext(col))
+            )
+        paper = [(r.cell.width, r.cell.paper) for r in curve if r.cell.paper is not None]
+        if paper:
+            x, y = zip(*paper)
+            ax.plot(x, y, color=color, linestyle="--", marker="o", mfc="none", alpha=0.6)
+    widths = sorted({r.cell.width for r in cells})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_xlabel("width")
+    ax.set_ylabel(fig_spec.ylabel)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{fig_spec.title}, {subtitle}", fontsize=10)
+    (paper_handle,) = ax.plot([], [], color="gray", linestyle="--", marker="o", mfc="none")
+    ax.legend([*handles, paper_handle], [*(h.get_label() for h in handles), "paper"], fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    return True
+
+
+def _draw_overlap(
+    fig_spec: OverlapFigure,
+    store: RunStore,
+    seeds: Sequence[int],
+    epochs: int,
+    path: Path,
+    subtitle: str,
+) -> bool:
+    from matplotlib.figure import Figure
+
+    panels: list[tuple[int, dict[str, list[dict[str, Any]]]]] = []
+    for width in fig_spec.widths:
+        by_when: dict[str, list[dict[str, Any]]] = {}
+        for when in fig_spec.when:
+            records = []
+            for seed in seeds:
+                config = fig_spec.run.config(width=width, seed=seed, epochs=epochs)
+                rec = store.read(config, f"diagnostics/overlap-{when}.json")
+                if rec is not None:
+                    records.append(rec)
+            if records:
+                by_when[when] = records
+        if by_when:
+            panels.append((width, by_when))
+    if not panels:
+        return False
+    fig = Figure(figsize=(max(6.5, 5.5 * len(panels)), 4.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (width, by_when) in zip(axes, panels):
+        paper_rank = fig_spec.paper_rank.get(width, ())
+        max_k = 1
+        for when, records in by_when.items():
+            style = "-" if when == "final" else ":"
+            for layer in range(len(records[0]["layers"])):
+                curves = [rec["layers"][layer]["overlap"] for rec in records]
+                curve = [statistics.fmean(v) for v in zip(*curves)]
+                rank = statistics.fmean(rec["layers"][layer]["rank_mean"] for rec in records)
+                k = list(range(1, len(curve) + 1))
+                max_k = max(max_k, len(curve))
+                stage = "end" if when == "final" else "init"
+                label = f"layer {layer + 1} ({stage}), rank {rank:.0f}"
+                if when == "final" and layer < len(paper_rank):
+                    label += f" (paper {paper_rank[layer]})"
+                ax.plot(k, curve, color=f"C{layer}", linestyle=style, label=label)
+                km = fig_spec.k_marker
+                if km <= len(curve):
+                    ax.plot([km], [curve[km - 1]], color=f"C{layer}", marker="o")
+        ax.axvline(fig_spec.k_marker, color="gray", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= max_k]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("k")
+        ax.set_ylabel("overlap")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"width {width}", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{_mathtext(fig_spec.title)}\n{subtitle}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    return True
+
+
+def draw_figures(
+    experiment: Experiment,
+    results: Sequence[CellResult],
+    store: RunStore,
+    out_dir: Path,
+    *,
+    seeds: Sequence[int],
+    epochs: int,
+) -> list[str]:
+    """Draw the experiment's figures into ``out_dir``; return the files drawn."""
+    drawn = []
+    subtitle = f"{epochs} epochs, {len(seeds)} seed(s)"
+    for spec in experiment.figures:
+        path = out_dir / spec.file
+        if isinstance(spec, WidthFigure):
+            ok = _draw_widths(spec, results, path, subtitle)
+        else:
+            ok = _draw_overlap(spec, store, seeds, epochs, path, subtitle)
+        if ok:
+            drawn.append(spec.file)
+    return drawn
+
+
+def report(
+    experiment: Experiment,
+    store_root: str | Path,
+    out_root: str | Path,
+    *,
+    seeds: Sequence[int],
+    epochs: int,
+    unavailable: Mapping[Method, str] | None = None,
+) -> str:
+    """Write ``table.md``, ``summary.json`` and the figures of ``experiment``; return the
+    Markdown.  Reads the run store only: nothing is trained."""
+    store = RunStore(store_root)
+    out_dir = Path(out_root) / experiment.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unavailable = unavailable or {}
+    results = collect(experiment, store, seeds=seeds, epochs=epochs, unavailable=unavailable)
+    notes = _run_notes(experiment, store, seeds, epochs)
+    for m, reason in unavailable.items():
+        if any(r.unavailable == reason for r in results):
+            notes.append(f"{m.label} ({m.name}) is not available here: {reason}.")
+    missing = sum(1 for r in results if not r.unavailable and len(r.present) < len(r.values))
+    if missing:
+        notes.append(
+            f"{missing} cell(s) lack some runs or measurements; `guessgrad reproduce "
+            f"{experiment.name}` with the same options computes them."
+        )
+    figures = draw_figures(experiment, results, store, out_dir, seeds=seeds, epochs=epochs)
+    markdown = render_markdown(
+        experiment, results, seeds=seeds, epochs=epochs, notes=notes, figures=figures
+    )
+    (out_dir / "table.md").write_text(markdown)
+    atomic_write_json(
+        out_dir / "summary.json",
+        _finite(summarize(experiment, results, seeds=seeds, epochs=epochs, notes=notes,
+                          figures=figures)),
+    )  # fmt: skip
+    return markdown
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become ``None`` so that ``summary.json`` is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj

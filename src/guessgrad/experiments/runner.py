@@ -1,0 +1,425 @@
+"""Planning and running the training runs and measurements of experiments, resumably.
+
+The run store is a directory ``ROOT/runs/<TrainConfig.slug()>/`` per run, as written by
+:func:`guessgrad.training.train`, plus ``diagnostics/*.json`` measurements (see
+:mod:`.measure`).  A task whose output exists is never recomputed: ``final.json`` for a
+training run (written atomically, last), the measurement's JSON file (also atomic) for a
+probe.  Interrupted training runs resume from their per-epoch checkpoint.
+
+With ``jobs > 1`` tasks run in a pool of spawned processes, each limited to ``threads``
+torch threads (1 by default: batched small LAPACK calls slow down by orders of magnitude
+when several multi-threaded processes share few cores).  A failing task is reported, its
+traceback kept in the run directory's ``error.log``, and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from ..data import MNIST1D, mnist1d
+from ..estimators import make_estimator
+from ..training import TrainConfig, atomic_write_json, train
+from .measure import diagnostics_record, overlap_record
+from .paper import DIAG_BATCH, DIAG_SAMPLES
+from .spec import Experiment, Method, Probe
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = [
+    "Task",
+    "Outcome",
+    "Progress",
+    "RunStore",
+    "plan",
+    "unavailable_methods",
+    "run_tasks",
+]
+
+
+class RunStore:
+    """The directory ``root`` holding ``runs/<slug>/`` for every run."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def run_dir(self, config: TrainConfig) -> Path:
+        return self.root / "runs" / config.slug()
+
+    def read(self, config: TrainConfig, file: str = "final.json") -> dict[str, Any] | None:
+        """The JSON file ``file`` of the run, or ``None`` if absent or unreadable."""
+        path = self.run_dir(config) / file
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class Task:
+    """Train a run, or measure a probe on it."""
+
+    kind: Literal["train", "probe"]
+    config: TrainConfig
+    probe: Probe | None = None
+    cost: float = 1.0
+
+    def output(self) -> str:
+        """The file whose presence means the task is done, relative to the run directory."""
+        return "final.json" if self.probe is None else self.probe.file()
+
+    def label(self) -> str:
+        slug = self.config.slug()
+        return slug if self.probe is None else f"{slug}/{self.probe.file()}"
+
+    def done(self, store: RunStore) -> bool:
+        return (store.run_dir(self.config) / self.output()).exists()
+
+
+@dataclass
+class Outcome:
+    """What became of a task: ``done``, ``skipped`` (already done, or busy) or ``failed``."""
+
+    task: Task
+    status: Literal["done", "skipped", "failed"]
+    seconds: float = 0.0
+    message: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress(Protocol):
+    """Receives the sweep's progress; the CLI draws it."""
+
+    def phase(self, name: str, tasks: int, total: int, unit: str) -> None:
+        """A phase starts: ``tasks`` tasks, ``total`` units of work (epochs or tasks)."""
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more units of work are done."""
+
+    def finished(self, outcome: Outcome) -> None:
+        """A task is finished (done, skipped or failed)."""
+
+    def close(self) -> None:
+        """The sweep is over."""
+
+
+def unavailable_methods(experiments: Iterable[Experiment]) -> dict[Method, str]:
+    """Methods whose estimator cannot be built here (e.g. not registered), with the reason."""
+    missing: dict[Method, str] = {}
+    for exp in experiments:
+        for m in exp.methods():
+            if m in missing:
+                continue
+            try:
+                make_estimator(m.name, **m.kwargs)
+            except ValueError as err:
+                missing[m] = str(err)
+    return missing
+
+
+def plan(
+    experiment: Experiment,
+    *,
+    seeds: Sequence[int],
+    epochs: int,
+    device: str = "cpu",
+    skip: Iterable[Method] = (),
+) -> list[Task]:
+    """Every task the experiment's cells need, each once (skipping methods in ``skip``)."""
+    skip = set(skip)
+    tasks: dict[str, Task] = {}
+    for cell in experiment.cells:
+        if cell.run in skip or (cell.probe is not None and cell.probe.estimator in skip):
+            continue
+        for seed in seeds:
+            config = cell.run.config(width=cell.width, seed=seed, epochs=epochs, device=device)
+            if cell.needs_training:
+                t = Task("train", config, cost=cell.run.cost * cell.width**2 * epochs)
+                tasks.setdefault(t.label(), t)
+            if cell.probe is not None:
+                t = Task("probe", config, cell.probe, cost=float(cell.width**3))
+                tasks.setdefault(t.label(), t)
+    return list(tasks.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Executing one task (in this process or in a worker).
+
+_DATA: MNIST1D | None = None
+
+
+def _data() -> MNIST1D:
+    global _DATA
+    if _DATA is None:
+        _DATA = mnist1d()
+    return _DATA
+
+
+@contextmanager
+def _locked(run_dir: Path):
+    """Hold an exclusive lock on the run directory (waits for another process's run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(run_dir / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def execute(task: Task, root: str | Path, on_epoch: Any = None) -> Outcome:
+    """Run ``task`` against the store at ``root``; never raises for a failing run."""
+    store = RunStore(root)
+    run_dir = store.run_dir(task.config)
+    if task.done(store):
+        return Outcome(task, "skipped", message="already done")
+    t0 = time.perf_counter()
+    try:
+        data = _data()
+        if task.probe is None:
+            with _locked(run_dir):
+                if task.done(store):  # finished by another process while we waited
+                    return Outcome(task, "skipped", message="finished elsewhere")
+                final = train(task.config, out_dir=run_dir, data=data, on_epoch=on_epoch)
+            (run_dir / "error.log").unlink(missing_ok=True)  # from an earlier failed attempt
+            result = {k: final[k] for k in ("train_accuracy", "test_accuracy", "wall_seconds")}
+        else:
+            probe = task.probe
+            if probe.when == "final" and not (run_dir / "final.json").exists():
+                raise RuntimeError(f"run {task.config.slug()} is not finished")
+            if probe.kind == "overlap":
+                record = overlap_record(task.config, run_dir, probe.when, data, batch=DIAG_BATCH)
+            else:
+                assert probe.estimator is not None
+                record = diagnostics_record(
+                    task.config,
+                    run_dir,
+                    probe.estimator,
+                    probe.when,
+                    data,
+                    batch=DIAG_BATCH,
+                    samples=DIAG_SAMPLES,
+                )
+            atomic_write_json(run_dir / probe.file(), record)
+            result = {}
+    except Exception as err:  # a failing run must not stop the sweep
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.log").write_text(f"{task.label()}\n\n{traceback.format_exc()}")
+        message = f"{type(err).__name__}: {err}".splitlines()[0]
+        return Outcome(task, "failed", time.perf_counter() - t0, message)
+    return Outcome(task, "done", time.perf_counter() - t0, result=result)
+
+
+def _worker(wid: int, tasks: Any, events: Any, root: str, threads: int) -> None:
+    """A worker process: run tasks from ``tasks`` until ``None``, report on ``events``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    torch.set_num_threads(threads)
+    while (item := tasks.get()) is not None:
+        idx, task = item
+        events.put(("start", wid, idx, None))
+        outcome = execute(
+            task, root, on_epoch=lambda _line, idx=idx: events.put(("epoch", wid, idx, None))
+        )
+        events.put(("done", wid, idx, outcome))
+
+
+# ---------------------------------------------------------------------------------------
+# The sweep.
+
+
+def _remaining_epochs(task: Task, store: RunStore) -> int:
+    metrics = store.run_dir(task.config) / "metrics.jsonl"
+    try:
+        with open(metrics) as f:
+            done = sum(1 for _ in f)
+    except OSError:
+        done = 0
+    return max(task.config.epochs - done, 0)
+
+
+def run_tasks(
+    tasks: Sequence[Task],
+    root: str | Path,
+    *,
+    jobs: int = 1,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> list[Outcome]:
+    """Run every task not yet done: trainings first, then measurements.
+
+    Args:
+        tasks: from :func:`plan`.
+        root: the run store's directory.
+        jobs: parallel worker processes (spawned); 1 runs in this process.
+        threads: torch threads per worker; default 1 when ``jobs > 1``, else unchanged.
+        progress: receives the phases, epochs, measurements and finished tasks.
+
+    A ``KeyboardInterrupt`` stops the workers and propagates; finished runs stay finished
+    and unfinished ones resume from their last epoch next time.
+    """
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got jobs={jobs!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got threads={threads!r}")
+    store = RunStore(root)
+    outcomes: list[Outcome] = []
+    unique = {t.label(): t for t in tasks}  # the same run may serve several experiments
+    tasks = sorted(unique.values(), key=lambda t: (-t.cost, t.label()))  # slowest first
+    phases = (
+        ("training", "epoch", [t for t in tasks if t.kind == "train"]),
+        ("measuring", "task", [t for t in tasks if t.kind == "probe"]),
+    )
+    todo = [(name, unit, [t for t in group if not t.done(store)]) for name, unit, group in phases]
+    if any(group for _, _, group in todo):
+        _data()  # generate the data set once, before any worker needs it
+    for name, unit, group in todo:
+        if not group:
+            continue
+        if progress is not None:
+            total = (
+                sum(_remaining_epochs(t, store) for t in group) if unit == "epoch" else len(group)
+            )
+            progress.phase(name, len(group), total, unit)
+        per_task = unit == "task"
+        if jobs == 1:
+            outcomes += _run_here(group, store, threads, progress, per_task)
+        else:
+            outcomes += _run_pool(group, store, jobs, threads or 1, progress, per_task)
+    if progress is not None:
+        progress.close()
+    return outcomes
+
+
+def _run_here(
+    group: Sequence[Task],
+    store: RunStore,
+    threads: int | None,
+    progress: Progress | None,
+    per_task: bool,
+) -> list[Outcome]:
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        outcomes = []
+        for task in group:
+
+            def on_epoch(_line: dict[str, Any]) -> None:
+                if progress is not None:
+                    progress.advance()
+
+            outcome = execute(task, store.root, on_epoch=on_epoch)
+            outcomes.append(outcome)
+            if progress is not None:
+                if per_task:
+                    progress.advance()
+                progress.finished(outcome)
+        return outcomes
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_pool(
+    group: Sequence[Task],
+    store: RunStore,
+    jobs: int,
+    threads: int,
+    progress: Progress | None,
+    per_task: bool,
+) -> list[Outcome]:
+    """Run ``group`` in ``jobs`` spawned workers; a worker that dies fails only its task."""
+    ctx = mp.get_context("spawn")
+    tasks, events = ctx.Queue(), ctx.Queue()
+    for idx, task in enumerate(group):
+        tasks.put((idx, task))
+    n = min(jobs, len(group))
+    for _ in range(n):
+        tasks.put(None)
+    workers: dict[int, Any] = {}
+    running: dict[int, int] = {}  # worker id -> task index
+    remaining = set(range(len(group)))
+    outcomes: list[Outcome] = []
+    exit_codes: list[int] = []  # of workers that died between tasks (e.g. at start-up)
+
+    def spawn(wid: int) -> None:
+        proc = ctx.Process(
+            target=_worker, args=(wid, tasks, events, os.fspath(store.root), threads)
+        )
+        proc.start()
+        workers[wid] = proc
+
+    def finish(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        if progress is not None:
+            if per_task:
+                progress.advance()
+            progress.finished(outcome)
+
+    try:
+        for wid in range(n):
+            spawn(wid)
+        next_wid = n
+        while remaining:
+            try:
+                kind, wid, idx, outcome = events.get(timeout=0.5)
+            except queue.Empty:
+                kind = None
+            if kind == "start":
+                running[wid] = idx
+            elif kind == "epoch" and progress is not None:
+                progress.advance()
+            elif kind == "done" and idx in remaining:
+                running.pop(wid, None)
+                remaining.discard(idx)
+                finish(outcome)
+            if kind is not None:
+                continue
+            # the queue is drained: look for workers that died
+            for wid, proc in list(workers.items()):
+                if proc.is_alive():
+                    continue
+                del workers[wid]
+                idx = running.pop(wid, None)
+                if proc.exitcode != 0 and idx is not None and idx in remaining:
+                    # it died running a task (killed, out of memory): that task fails, and a
+                    # new worker takes the stop signal it left in the queue
+                    remaining.discard(idx)
+                    finish(Outcome(group[idx], "failed", message=f"worker died ({proc.exitcode})"))
+                    spawn(next_wid)
+                    next_wid += 1
+                elif proc.exitcode != 0:
+                    exit_codes.append(proc.exitcode)
+            if not workers:  # every worker has stopped: what is left cannot run
+                why = f"workers exited with {exit_codes}" if exit_codes else "lost with a worker"
+                for idx in sorted(remaining):
+                    finish(Outcome(group[idx], "failed", message=why))
+                remaining.clear()
+    except BaseException:
+        for proc in workers.values():
+            proc.terminate()
+        raise
+    finally:
+        for proc in workers.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.terminate()
+    return outcomes

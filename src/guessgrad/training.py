@@ -1,0 +1,351 @@
+"""Training a model with any estimator and a ``torch.optim`` optimizer (PAPER.md §4 setup).
+
+Every run is described by a :class:`TrainConfig`; :func:`train` writes
+
+- ``config.json``: every option, the package version, the git commit (if any), the device
+  and the hardware (:func:`hardware`);
+- ``metrics.jsonl``: one line per epoch (``epoch``, ``train_loss``, ``train_accuracy``,
+  ``test_accuracy``, ``wall_seconds``);
+- ``checkpoint.pt``: model, optimizer, estimator state and RNG states after the last
+  finished epoch, so an interrupted run resumes where it stopped with the same result;
+- ``final.json``: final train/test accuracy on the full sets, ``wall_seconds``, ``steps``
+  and the config, written last and atomically: its presence means the run is complete.
+
+Seeding: the initial weights depend on ``seed`` alone (not on the method), so every run is a
+same-init twin of the backprop run with the same seed.  Batch order and guesses have their
+own generators derived from ``seed``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .data import MNIST1D, mnist1d
+from .estimators import Estimator, make_estimator
+from .models import MLP
+
+__all__ = [
+    "TrainConfig",
+    "train",
+    "evaluate",
+    "build_estimator",
+    "initial_model",
+    "hardware",
+    "resolve_device",
+    "atomic_write_json",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Defaults are PAPER.md §4.
+
+    ``options`` are extra estimator constructor options (e.g. ``{"k": 10, "solver": "svd"}``).
+    """
+
+    method: str = "w-perp"
+    width: int = 128
+    depth: int = 3
+    epochs: int = 300
+    lr: float = 1e-4
+    batch_size: int = 512
+    weight_decay: float = 0.01
+    seed: int = 0
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("width", "depth", "epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got lr={self.lr!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got weight_decay={self.weight_decay!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def slug(self) -> str:
+        """A readable, unique directory name for this configuration (device excluded)."""
+        opts = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
+        base = f"{self.method}{opts}-w{self.width}-d{self.depth}-e{self.epochs}-s{self.seed}"
+        extra = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ("method", "options", "width", "depth", "epochs", "seed", "device")
+        }
+        if extra != {"lr": 1e-4, "batch_size": 512, "weight_decay": 0.01}:
+            digest = hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+            base += f"-{digest}"
+        return base
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable explicit device is an error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ValueError("device 'mps' requested but MPS is not available")
+    return torch.device(device)
+
+
+def build_estimator(config: TrainConfig) -> Estimator:
+    """``make_estimator(config.method, **config.options)``."""
+    return make_estimator(config.method, **config.options)
+
+
+def initial_model(config: TrainConfig, num_features: int = 40, num_classes: int = 10) -> nn.Module:
+    """The MLP ``num_features -> width × depth -> num_classes`` with the initial weights of
+    ``config``'s run, on the CPU.
+
+    The weights depend on ``config.seed`` (and the widths) alone, so runs of different
+    methods with the same seed start from the same point.  The global RNG is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return MLP([num_features] + [config.width] * config.depth + [num_classes])
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Where a run is computed: CPU model, logical cores, torch threads, device (and GPU)."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "device": str(device),
+    }
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(dev)
+    return info
+
+
+def _git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON so that readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on the whole of ``x``, ``y``."""
+    total_loss, correct = 0.0, 0
+    for i in range(0, x.shape[0], batch_size):
+        logits = model(x[i : i + batch_size])
+        total_loss += float(
+            nn.functional.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
+        )
+        correct += int((logits.argmax(1) == y[i : i + batch_size]).sum())
+    return total_loss / x.shape[0], correct / x.shape[0]
+
+
+def train(
+    config: TrainConfig,
+    *,
+    out_dir: str | Path | None = None,
+    data: MNIST1D | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Train an MLP on MNIST-1D with ``config``; return the content of ``final.json``.
+
+    If ``out_dir`` holds a ``final.json`` the run is complete and its content is returned
+    without training; if it holds a ``checkpoint.pt`` of the same config, training resumes
+    from it.  ``on_epoch`` receives each epoch's metrics line; ``on_step`` the step index
+    and loss.
+    """
+    device = resolve_device(config.device)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and (out / "final.json").exists():
+        with open(out / "final.json") as f:
+            return json.load(f)
+    data = (data if data is not None else mnist1d()).to(device)
+    estimator = build_estimator(config)
+
+    model = initial_model(config, data.num_features, data.num_classes).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    order_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
+    guess_gen = torch.Generator(device=device).manual_seed(config.seed + 2_000_003)
+
+    record = {
+        "config": config.to_dict(),
+        "version": __version__,
+        "git_commit": _git_commit(),
+        "device": str(device),
+        "torch": torch.__version__,
+        "estimator": repr(estimator),
+        "hardware": hardware(device),
+    }
+    start_epoch, steps, wall = 0, 0, 0.0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt_path = out / "checkpoint.pt"
+        if ckpt_path.exists():
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+            if ckpt.get("config") == config.to_dict():
+                model.load_state_dict(ckpt["model"])
+                optimizer.load_state_dict(ckpt["optimizer"])
+                estimator.state = ckpt["estimator_state"]
+                order_gen.set_state(ckpt["order_gen"])
+                guess_gen.set_state(ckpt["guess_gen"])
+                start_epoch, steps, wall = ckpt["epoch"], ckpt["steps"], ckpt["wall_seconds"]
+        if start_epoch == 0:
+            atomic_write_json(out / "config.json", record)
+            (out / "metrics.jsonl").write_text("")
+        else:
+            _truncate_metrics(out / "metrics.jsonl", start_epoch)
+
+    n = data.x_train.shape[0]
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=order_gen).to(device)
+        loss_sum, seen = 0.0, 0
+        for i in range(0, n, config.batch_size):
+            idx = perm[i : i + config.batch_size]
+            loss = estimator.estimate(
+                model, data.x_train[idx], data.y_train[idx], generator=guess_gen
+            )
+            optimizer.step()
+            steps += 1
+            loss_value = float(loss)
+            loss_sum += loss_value * idx.shape[0]
+            seen += idx.shape[0]
+            if on_step is not None:
+                on_step(steps, loss_value)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall += time.perf_counter() - t0
+        _, train_acc = evaluate(model, data.x_train, data.y_train)
+        _, test_acc = evaluate(model, data.x_test, data.y_test)
+        line = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / seen,
+            "train_accuracy": train_acc,
+            "test_accuracy": test_acc,
+            "wall_seconds": wall,
+        }
+        if out is not None:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+            _save_checkpoint(
+                out / "checkpoint.pt",
+                config,
+                model,
+                optimizer,
+                estimator,
+                order_gen,
+                guess_gen,
+                epoch + 1,
+                steps,
+                wall,
+            )
+        if on_epoch is not None:
+            on_epoch(line)
+
+    _, train_acc = evaluate(model, data.x_train, data.y_train)
+    _, test_acc = evaluate(model, data.x_test, data.y_test)
+    final = {
+        "train_accuracy": train_acc,
+        "test_accuracy": test_acc,
+        "wall_seconds": wall,
+        "steps": steps,
+        **record,
+    }
+    if out is not None:
+        torch.save(model.state_dict(), out / "model.pt")
+        atomic_write_json(out / "final.json", final)
+        (out / "checkpoint.pt").unlink(missing_ok=True)
+    return final
+
+
+def _truncate_metrics(path: Path, epochs: int) -> None:
+    # keep exactly the lines of the epochs the checkpoint covers; replace the file atomically
+    # so that an interruption here cannot lose the lines already written
+    lines = path.read_text().splitlines() if path.exists() else []
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines[:epochs]))
+    os.replace(tmp, path)
+
+
+def _save_checkpoint(
+    path: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    estimator: Estimator,
+    order_gen: torch.Generator,
+    guess_gen: torch.Generator,
+    epoch: int,
+    steps: int,
+    wall: float,
+) -> None:
+    payload = {
+        "config": config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "estimator_state": estimator.state,
+        "order_gen": order_gen.get_state(),
+        "guess_gen": guess_gen.get_state(),
+        "epoch": epoch,
+        "steps": steps,
+        "wall_seconds": wall,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,130 @@
+"""The ``guessgrad`` command line, on tiny settings (width 8–64, 1–2 epochs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import guessgrad.experiments.runner as runner
+from guessgrad.cli import build_parser, main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory: pytest.TempPathFactory):
+    """MNIST-1D is generated (offline) into a cache shared by this test session."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GUESSGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "guessgrad-cache"))
+        yield
+
+
+def _train(out: Path, *extra: str) -> int:
+    args = ["train", "--method", "w-transpose", "--width", "8", "--epochs", "2"]
+    return main([*args, "--device", "cpu", "--out", str(out), *extra])
+
+
+def test_train_writes_the_run_files(tmp_path: Path, capsys) -> None:
+    assert _train(tmp_path / "run") == 0
+    out, err = capsys.readouterr()
+    assert "train accuracy" in out and str(tmp_path / "run") in out
+    assert "epoch 1/2" in err and "epoch 2/2" in err  # plain lines: not a terminal
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["config"]["method"] == "w-transpose" and config["config"]["width"] == 8
+    assert config["config"]["lr"] == 1e-4 and config["config"]["batch_size"] == 512
+    assert config["device"] == "cpu" and "git_commit" in config and "version" in config
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    final = json.loads((tmp_path / "run" / "final.json").read_text())
+    assert {"train_accuracy", "test_accuracy", "wall_seconds", "steps", "config"} <= set(final)
+    assert final["steps"] == 2 * 8  # 4000 examples in batches of 512
+
+
+def test_train_twice_gives_identical_accuracies(tmp_path: Path) -> None:
+    assert _train(tmp_path / "a", "--quiet", "--seed", "5") == 0
+    assert _train(tmp_path / "b", "--quiet", "--seed", "5") == 0
+    a, b = (json.loads((tmp_path / d / "final.json").read_text()) for d in "ab")
+    assert (a["train_accuracy"], a["test_accuracy"]) == (b["train_accuracy"], b["test_accuracy"])
+
+
+def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, capsys) -> None:
+    assert _train(tmp_path / "run", "--quiet") == 0
+    assert capsys.readouterr() == ("", "")
+    stamp = (tmp_path / "run" / "final.json").stat().st_mtime_ns
+    assert _train(tmp_path / "run") == 0
+    assert "not trained again" in capsys.readouterr().out
+    assert (tmp_path / "run" / "final.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--method", "no-such-method"],
+        ["train", "--method", "w-perp", "--k", "0"],
+        ["train", "--method", "w-transpose", "--k", "3"],
+        ["train", "--method", "w-perp", "--solver", "magic"],
+        ["train", "--width", "-4"],
+        ["train", "--lr", "nan"],
+        ["train", "--device", "tpu"],
+        ["reproduce", "table9"],
+        ["reproduce", "table3", "--seeds", "0,0"],
+        ["reproduce", "table3", "--widths", "7"],
+        ["reproduce", "table3", "--jobs", "0"],
+        ["report", "fig3"],
+        ["frobnicate"],
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(argv: list[str], capsys) -> None:
+    try:
+        status = main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "error" in err
+
+
+def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatch) -> None:
+    argv = ["table3", "--widths", "64", "--epochs", "1", "--seeds", "1", "--out", str(tmp_path)]
+    assert main(["reproduce", *argv, "--jobs", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "| 64 |" in out and "(0.268, " in out  # our value beside the paper's
+    table = tmp_path / "table3" / "table.md"
+    assert table.exists() and (tmp_path / "table3" / "fig2.png").exists()
+    summary = json.loads((tmp_path / "table3" / "summary.json").read_text())
+    assert all(c["n"] == 1 for c in summary["cells"] if c["width"] == 64)
+    assert len(list((tmp_path / "runs").iterdir())) == 5
+
+    # rendering again trains nothing and gives the same table
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("must not train"))
+    before = table.read_text()
+    table.unlink()
+    assert main(["report", *argv]) == 0
+    assert table.read_text() == before
+    assert main(["reproduce", *argv, "--report-only"]) == 0
+    assert main(["reproduce", *argv, "--jobs", "1"]) == 0  # everything is done already
+
+
+def test_bench_is_registered_only_when_available(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "guessgrad.bench" else real(name, *a),
+    )
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert "bench" not in sub.choices and {"train", "reproduce", "report"} <= set(sub.choices)
+
+
+def test_diagnose_prints_one_row_per_hidden_layer(tmp_path: Path, capsys) -> None:
+    argv = ["diagnose", "--method", "w-transpose", "--width", "8", "--batch", "32"]
+    assert main([*argv, "--samples", "2", "--device", "cpu"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3  # header and three hidden layers
+    assert _train(tmp_path / "run", "--quiet") == 0
+    assert main([*argv, "--samples", "2", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["estimator"] == "WTranspose()" and len(record["layers"]) == 3

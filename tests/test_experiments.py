@@ -1,0 +1,256 @@
+"""The experiments layer: the paper's data, resumable sweeps, reports from stored runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import guessgrad.experiments.runner as runner
+from guessgrad.estimators import ESTIMATORS
+from guessgrad.experiments import (
+    EXPERIMENTS,
+    Cell,
+    Experiment,
+    Probe,
+    RunStore,
+    method,
+    plan,
+    report,
+    run_tasks,
+    unavailable_methods,
+)
+from guessgrad.experiments.measure import overlap_curve
+from guessgrad.experiments.paper import TABLE2, TABLE3, TABLE4, W_PERP, W_PERP_NS
+from guessgrad.metrics import overlap
+from guessgrad.training import atomic_write_json
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache(tmp_path_factory: pytest.TempPathFactory):
+    """MNIST-1D is generated (offline) into a cache shared by this test session."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GUESSGRAD_CACHE", str(tmp_path_factory.getbasetemp() / "guessgrad-cache"))
+        yield
+
+
+def _tiny(epochs: int = 2) -> Experiment:
+    """Two methods × two seeds at width 8: four runs of a few steps each."""
+    bp, wt = method("backprop", "backprop"), method("W̃ᵀ", "w-transpose")
+    cells = tuple(
+        Cell(row="8", col=m.label, run=m, width=8, quantity="train_accuracy", paper=0.5)
+        for m in (bp, wt)
+    )
+    return Experiment(name="tiny", title="tiny", cells=cells, seeds=2, epochs=epochs)
+
+
+class _Recorder:
+    """A Progress that records events and can interrupt the sweep."""
+
+    def __init__(self, stop_after_epochs: int | None = None) -> None:
+        self.epochs = 0
+        self.outcomes = []
+        self.stop_after_epochs = stop_after_epochs
+
+    def phase(self, name, tasks, total, unit):
+        self.total = total
+
+    def advance(self, n=1):
+        self.epochs += n
+        if self.stop_after_epochs is not None and self.epochs >= self.stop_after_epochs:
+            raise KeyboardInterrupt
+
+    def finished(self, outcome):
+        self.outcomes.append(outcome)
+
+    def close(self):
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's numbers and the experiments as data
+
+
+def test_published_numbers_spot_check() -> None:
+    assert TABLE3[128]["W̃⊥ (k=10)"] == 0.323 and TABLE3[512]["backprop"] == 1.000
+    assert TABLE2["W̃⊥ (k=10)"]["bias"] == 2.86e-5
+    assert TABLE4[("W̃⊥ (k=10)", 512)]["wall_seconds"] == 40 * 3600
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_experiments_are_well_formed(name: str) -> None:
+    exp = EXPERIMENTS[name]
+    keys = [(c.section, c.row, c.col) for c in exp.cells]
+    assert len(keys) == len(set(keys)), "two cells share a place"
+    for cell in exp.cells:
+        if cell.probe is not None:
+            assert 0 <= cell.probe.layer < 3
+    quick = exp.with_preset(exp.quick)
+    assert quick.cells and quick.seeds == 1
+    assert plan(quick, seeds=[0], epochs=quick.epochs)
+
+
+def test_table3_quick_is_the_main_command() -> None:
+    quick = EXPERIMENTS["table3"].with_preset(EXPERIMENTS["table3"].quick)
+    train = [t for t in plan(quick, seeds=[0], epochs=quick.epochs) if t.kind == "train"]
+    assert {t.config.width for t in train} == {64, 128} and quick.epochs == 300
+    assert {t.config.method for t in train} == {
+        "weight-perturbation",
+        "activation-perturbation",
+        "w-transpose",
+        "w-perp",
+        "backprop",
+    }
+
+
+def test_table3_and_fig2_share_their_runs() -> None:
+    slugs = {
+        name: {t.config.slug() for t in plan(EXPERIMENTS[name], seeds=[0, 1], epochs=300)}
+        for name in ("table3", "fig2")
+    }
+    assert slugs["fig2"] == slugs["table3"]
+
+
+def test_missing_estimators_are_marked_not_fatal() -> None:
+    missing = unavailable_methods([EXPERIMENTS["table4"]])
+    assert (W_PERP_NS in missing) == ("w-perp-ns" not in ESTIMATORS)
+    assert W_PERP not in missing
+
+
+# ---------------------------------------------------------------------------------------
+# Measurements
+
+
+def test_overlap_curve_equals_the_metric_for_every_k() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 5, 9, generator=g, dtype=torch.float64)
+    w[:, :, :3] = 0  # masked columns, as W̃ = W M has: rank ≤ 5
+    grad = (w.mT @ torch.randn(6, 5, 1, generator=g, dtype=torch.float64)).squeeze(-1)
+    grad[0] = 0  # an example without gradient is left out of the mean
+    sums, alive, rank = overlap_curve(w, grad)
+    curve = sums / alive
+    assert int(alive) == 5 and rank.tolist() == [5] * 6
+    for k in range(1, 6):
+        assert curve[k - 1].item() == pytest.approx(overlap(w, grad, k), abs=1e-12)
+    assert curve[-1].item() == pytest.approx(1.0)  # g lies in the row space of W̃
+
+
+# ---------------------------------------------------------------------------------------
+# Sweeps
+
+
+def test_interrupted_sweep_recomputes_nothing_finished(tmp_path: Path, monkeypatch) -> None:
+    exp = _tiny(epochs=2)
+    tasks = plan(exp, seeds=[0, 1], epochs=2)
+    assert len(tasks) == 4
+    # interrupted in the middle of the second run (after 3 epochs of 2-epoch runs)
+    with pytest.raises(KeyboardInterrupt):
+        run_tasks(tasks, tmp_path, progress=_Recorder(stop_after_epochs=3))
+    store = RunStore(tmp_path)
+    finished = [t for t in tasks if t.done(store)]
+    assert len(finished) == 1
+    stamp = {
+        t.label(): (store.run_dir(t.config) / "final.json").stat().st_mtime_ns for t in finished
+    }
+
+    trained = []
+    real_train = runner.train
+    monkeypatch.setattr(
+        runner,
+        "train",
+        lambda config, **kw: trained.append(config.slug()) or real_train(config, **kw),
+    )
+    outcomes = run_tasks(tasks, tmp_path, progress=_Recorder())
+    assert all(t.done(store) for t in tasks)
+    assert len(trained) == 3 and finished[0].config.slug() not in trained
+    assert {o.status for o in outcomes} == {"done"}
+    for t in finished:
+        assert (store.run_dir(t.config) / "final.json").stat().st_mtime_ns == stamp[t.label()]
+    # the interrupted run resumed from its checkpoint: exactly one line per epoch
+    for t in tasks:
+        lines = (store.run_dir(t.config) / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    # and a third sweep has nothing left to do
+    assert run_tasks(tasks, tmp_path) == []
+
+
+def test_parallel_sweep_reports_a_failing_run_and_goes_on(tmp_path: Path) -> None:
+    bad = method("broken", "w-perp", k=0)  # fails when the worker builds the estimator
+    exp = _tiny(epochs=1)
+    exp = Experiment(
+        name="mixed",
+        title="mixed",
+        cells=(*exp.cells, Cell("8", "broken", bad, 8, "train_accuracy")),
+        seeds=1,
+        epochs=1,
+    )
+    recorder = _Recorder()
+    outcomes = run_tasks(plan(exp, seeds=[0], epochs=1), tmp_path, jobs=2, progress=recorder)
+    status = {o.task.config.method: o.status for o in outcomes}
+    assert status == {"backprop": "done", "w-transpose": "done", "w-perp": "failed"}
+    failed = next(o for o in outcomes if o.status == "failed")
+    assert "k must be a positive integer" in failed.message
+    assert (RunStore(tmp_path).run_dir(failed.task.config) / "error.log").exists()
+    assert recorder.epochs == 2  # the two good runs' epochs, reported from the workers
+
+
+def test_probe_tasks_write_measurements(tmp_path: Path) -> None:
+    wt = method("W̃ᵀ", "w-transpose")
+    cells = (
+        Cell("W̃ᵀ", "bias", wt, 8, "bias", probe=Probe("diagnose", "init", 0, estimator=wt)),
+        Cell("W̃ᵀ", "rank", wt, 8, "rank_mean", probe=Probe("overlap", "final", 1)),
+    )
+    exp = Experiment(name="probes", title="probes", cells=cells, seeds=1, epochs=1)
+    tasks = plan(exp, seeds=[0], epochs=1)
+    assert sorted(t.kind for t in tasks) == ["probe", "probe", "train"]
+    outcomes = run_tasks(tasks, tmp_path)
+    assert {o.status for o in outcomes} == {"done"}
+    run_dir = RunStore(tmp_path).run_dir(tasks[0].config)
+    diag = json.loads((run_dir / "diagnostics" / "w-transpose-init.json").read_text())
+    assert len(diag["layers"]) == 3 and diag["estimator"] == "WTranspose()"
+    ov = json.loads((run_dir / "diagnostics" / "overlap-final.json").read_text())
+    assert len(ov["layers"][2]["overlap"]) == 8  # min(10 rows, 8 columns) directions
+    assert ov["layers"][2]["rank_max"] <= 8
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=1)
+    row = next(line for line in markdown.splitlines() if line.startswith("| W̃ᵀ |"))
+    assert "—" not in row and "5.2" not in row[:6]
+
+
+# ---------------------------------------------------------------------------------------
+# Reports from stored runs (no training)
+
+
+def _store_final(root: Path, cell: Cell, seed: int, epochs: int, **values) -> None:
+    config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+    payload = {"config": config.to_dict(), "estimator": "X()", "device": "cpu", **values}
+    atomic_write_json(RunStore(root).run_dir(config) / "final.json", payload)
+
+
+def test_report_renders_stored_runs_without_training(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("report must not train"))
+    exp = EXPERIMENTS["table3"].restrict((64,))
+    wt = next(c for c in exp.cells if c.col == "W̃ᵀ" and c.section == "")
+    for seed, acc in ((0, 0.30), (1, 0.32)):
+        _store_final(tmp_path, wt, seed, 300, train_accuracy=acc, test_accuracy=acc - 0.1)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    assert "0.310 ± 0.014 (0.268, +0.042)" in markdown
+    assert "| 64 |" in markdown and "—" in markdown  # other methods: not computed yet
+    summary = json.loads((tmp_path / "table3" / "summary.json").read_text())
+    cell = next(c for c in summary["cells"] if c["col"] == "W̃ᵀ" and c["section"] == "")
+    assert cell["values"] == [0.30, 0.32] and cell["paper"] == 0.268
+    assert cell["diff"] == pytest.approx(0.042)
+    assert (tmp_path / "table3" / "table.md").read_text() == markdown
+    assert (tmp_path / "table3" / "fig2.png").stat().st_size > 0
+
+
+def test_report_of_statistics_compares_by_ratio(tmp_path: Path) -> None:
+    exp = EXPERIMENTS["table2"].with_preset(EXPERIMENTS["table2"].quick)
+    cell = next(c for c in exp.cells if c.row == "W̃ᵀ" and c.quantity == "bias")
+    config = cell.run.config(width=128, seed=0, epochs=300)
+    layers = [{"bias": 5.5e-4, "variance_exact": 3e-4, "cov_norm": 0.08}] * 3
+    atomic_write_json(RunStore(tmp_path).run_dir(config) / cell.probe.file(), {"layers": layers})
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=300)
+    assert "5.50e-04 (2.75e-04, ×2)" in markdown
+    assert "3.00e-04 (1.50e-04, ×2)" in markdown

@@ -1,0 +1,140 @@
+"""Training runs: same-seed initialisation, reproducibility, resume, atomic files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from guessgrad.data import MNIST1D
+from guessgrad.training import TrainConfig, atomic_write_json, initial_model, train
+
+
+@pytest.fixture(scope="module")
+def data() -> MNIST1D:
+    """A small synthetic MNIST-1D-shaped problem: 256 train, 64 test, 40 features."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 40, generator=g)
+    y_train = torch.randint(0, 10, (256,), generator=g)
+    y_test = torch.randint(0, 10, (64,), generator=g)
+    x_train = centers[y_train] + 0.5 * torch.randn(256, 40, generator=g)
+    x_test = centers[y_test] + 0.5 * torch.randn(64, 40, generator=g)
+    return MNIST1D(x_train, y_train, x_test, y_test)
+
+
+def _config(**kw) -> TrainConfig:
+    base = dict(method="w-transpose", width=8, epochs=3, batch_size=64, lr=1e-3, seed=3)
+    return TrainConfig(**{**base, **kw})
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_initial_weights_depend_on_the_seed_alone() -> None:
+    a = initial_model(_config(method="backprop"))
+    b = initial_model(_config(method="w-perp", options={"k": 2}))
+    c = initial_model(_config(method="backprop", seed=4))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert not torch.equal(a[0].weight, c[0].weight)
+    assert torch.equal(a[0].bias, torch.zeros_like(a[0].bias))  # PAPER.md §4: zero biases
+
+
+def test_initial_model_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    initial_model(_config())
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_train_starts_from_initial_model(data: MNIST1D, tmp_path: Path) -> None:
+    # one AdamW step moves each weight by about lr, so with lr = 1e-9 the trained weights
+    # equal the initial ones to within 1e-8
+    config = _config(method="backprop", epochs=1, lr=1e-9, weight_decay=0.0)
+    train(config, out_dir=tmp_path, data=data)
+    trained = torch.load(tmp_path / "model.pt", weights_only=True)
+    for name, p in initial_model(config).state_dict().items():
+        assert torch.allclose(trained[name], p, atol=1e-8), name
+
+
+def test_files_and_formats(data: MNIST1D, tmp_path: Path) -> None:
+    final = train(_config(), out_dir=tmp_path, data=data)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["config"] == _config().to_dict()
+    assert {"version", "git_commit", "device", "estimator", "hardware"} <= set(cfg)
+    lines = _metrics(tmp_path / "metrics.jsonl")
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    assert set(lines[0]) == {
+        "epoch",
+        "train_loss",
+        "train_accuracy",
+        "test_accuracy",
+        "wall_seconds",
+    }
+    on_disk = json.loads((tmp_path / "final.json").read_text())
+    assert on_disk == json.loads(json.dumps(final))
+    assert final["steps"] == 3 * 4  # 256 examples in batches of 64
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_same_config_gives_identical_results(data: MNIST1D, tmp_path: Path) -> None:
+    a = train(_config(), out_dir=tmp_path / "a", data=data)
+    b = train(_config(), out_dir=tmp_path / "b", data=data)
+    assert (a["train_accuracy"], a["test_accuracy"]) == (b["train_accuracy"], b["test_accuracy"])
+    strip = [
+        {k: v for k, v in d.items() if k != "wall_seconds"}
+        for d in _metrics(tmp_path / "a" / "metrics.jsonl")
+    ]
+    assert strip == [
+        {k: v for k, v in d.items() if k != "wall_seconds"}
+        for d in _metrics(tmp_path / "b" / "metrics.jsonl")
+    ]
+
+
+def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Path) -> None:
+    config = _config(method="w-perp", options={"k": 2, "solver": "subspace"}, epochs=4)
+    reference = train(config, out_dir=tmp_path / "ref", data=data)
+
+    def stop_after_two(line: dict) -> None:
+        if line["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out_dir=tmp_path / "run", data=data, on_epoch=stop_after_two)
+    assert not (tmp_path / "run" / "final.json").exists()
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    resumed = train(config, out_dir=tmp_path / "run", data=data)
+    assert resumed["train_accuracy"] == reference["train_accuracy"]
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert resumed["steps"] == reference["steps"]
+    assert [m["epoch"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_finished_run_is_not_trained_again(data: MNIST1D, tmp_path: Path) -> None:
+    first = train(_config(), out_dir=tmp_path, data=data)
+    stamp = (tmp_path / "final.json").stat().st_mtime_ns
+    calls = []
+    second = train(_config(), out_dir=tmp_path, data=data, on_epoch=calls.append)
+    assert calls == [] and second == json.loads(json.dumps(first))
+    assert (tmp_path / "final.json").stat().st_mtime_ns == stamp
+
+
+def test_atomic_write_json_never_leaves_a_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "final.json"
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": object()})  # fails half-way through serialising
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    "bad", [{"width": 0}, {"epochs": -1}, {"lr": 0.0}, {"weight_decay": -0.1}, {"depth": 1.5}]
+)
+def test_bad_config_values_raise(bad: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        _config(**bad)
