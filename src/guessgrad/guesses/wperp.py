@@ -60,7 +60,9 @@ class WPerpGuess(Guess):
     Args:
         k: subspace size k ≥ 1, or ``"rank"``.
         subspace: ``"top"`` (W̃⊥) or ``"bottom"`` (the W̃⊥-bottom control).
-        solver: ``"svd"`` or ``"subspace"``.
+        solver: ``"svd"`` (the default of this low-level class: the exact reference),
+            ``"subspace"`` or ``"newton-schulz"``; the ``WPerp`` estimator defaults to
+            ``"subspace"``.
         depth: block Krylov depth for ``solver="subspace"`` (cost: depth + 1 block products).
         block: Krylov block size for ``solver="subspace"``; defaults to k.
         chunk: examples solved at once by ``solver="subspace"``; bounds the solver's extra
