@@ -120,6 +120,10 @@ def test_masked_linear_jacobian_matches_dense():
     torch.testing.assert_close(jac.apply(v), v @ dense.mT, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(jac.apply_t(u), u @ dense, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(jac.gram_apply(v), v @ dense.mT @ dense, rtol=1e-13, atol=1e-13)
+    restricted = jac.restrict(v)
+    torch.testing.assert_close(
+        jac.gram_apply(restricted, restricted=True), v @ dense.mT @ dense, rtol=1e-13, atol=1e-13
+    )
     # one vector per example: (B, n) -> (B, m)
     torch.testing.assert_close(jac.apply(v[:, 0]), (dense @ v[:, 0, :, None])[..., 0])
 

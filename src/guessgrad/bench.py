@@ -2,8 +2,8 @@
 
 For each method, in one process and on the same model and batch: a few warm-up steps, then
 the median and interquartile range of the wall time of one estimate-plus-``AdamW.step``
-(device-synchronised), the peak memory of one step, and for W̃⊥ solvers the subspace energy
-fidelity
+(device-synchronised; the methods' timed steps interleaved round by round), the peak
+memory of one step, and for W̃⊥ solvers the subspace energy fidelity
 
     F = mean_b tr(Vᵀ G_b V) / Σ_{j≤k} λ_j(G_b),    G_b = W̃_bᵀ W̃_b,
 
@@ -11,11 +11,14 @@ fidelity
 computed in closed form.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step minus the memory
-allocated before it.  On CPU (Linux), the peak resident set size of the process during one
-step minus the resident size before it, read from ``/proc/self/status`` after resetting the
-peak with ``/proc/self/clear_refs``; glibc's mmap threshold is fixed at 64 KiB first, so every
-tensor of that size or more is its own mapping, returned on free, and the resident size
-tracks the step's live allocations to within page granularity.  ``None`` elsewhere.
+allocated before it.  On CPU (Linux), measured in a fresh child process per method: glibc's
+mmap threshold is fixed at 64 KiB before anything is allocated, so every tensor of that size
+or more is its own mapping, returned on free, and the resident set tracks live allocations to
+within page granularity; the figure is the peak resident set size during one step (after the
+same warm-up) minus the resident size before it, read from ``/proc/self/status`` after
+resetting the peak with ``/proc/self/clear_refs``.  The child keeps that allocator setting out
+of the timed steps, where a mapping per tensor would add page faults to every method.
+``None`` elsewhere.
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ from .metrics import subspace_fidelity
 from .models import MLP, linear_layers
 from .training import resolve_device
 
-__all__ = ["BenchRecord", "parse_method", "bench_method", "configure_parser", "main"]
+__all__ = [
+    "BenchRecord",
+    "parse_method",
+    "bench_method",
+    "bench_methods",
+    "configure_parser",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,6 @@ def _peak_memory(step: Any, device: torch.device) -> int | None:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     if device.type == "cpu" and sys.platform.startswith("linux"):
-        _fix_mmap_threshold()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak resident set size
@@ -116,6 +125,26 @@ def _peak_memory(step: Any, device: torch.device) -> int | None:
         except OSError:
             return None
     return None
+
+
+def _cpu_memory_child(kwargs: dict[str, Any]) -> int | None:
+    _fix_mmap_threshold()  # before any tensor exists
+    torch.set_num_threads(kwargs.pop("threads"))
+    setup = _setup(**kwargs)
+    for _ in range(kwargs["warmup"]):
+        setup.step()
+    return _peak_memory(setup.step, torch.device("cpu"))
+
+
+def _cpu_peak_memory(**kwargs: Any) -> int | None:
+    """:func:`_peak_memory` of one step, measured in a fresh process (see the module doc)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_cpu_memory_child, ({**kwargs, "threads": torch.get_num_threads()},))
 
 
 def _fidelity(
@@ -142,18 +171,26 @@ def _fidelity(
     return sum(values) / len(values) if values else 1.0
 
 
-def bench_method(
+@dataclass
+class _Setup:
+    est: Estimator
+    model: nn.Sequential
+    x: torch.Tensor
+    y: torch.Tensor
+    step: Any
+
+
+def _setup(
     spec: str,
     *,
     width: int,
     depth: int,
     batch_size: int,
-    steps: int,
     warmup: int,
     device: torch.device,
-    seed: int = 0,
-) -> BenchRecord:
-    """Time one method; the model, batch and initial weights depend on ``seed`` only."""
+    seed: int,
+) -> _Setup:
+    """Estimator, model, batch and one-step closure; all depend on ``seed`` only."""
     name, options = parse_method(spec)
     est = make_estimator(name, **options)
     data = mnist1d()
@@ -169,34 +206,87 @@ def bench_method(
         est.estimate(model, x, y, generator=guess_gen)
         opt.step()
 
+    return _Setup(est, model, x, y, step)
+
+
+def bench_methods(
+    specs: list[str],
+    *,
+    width: int,
+    depth: int,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    seed: int = 0,
+    memory: bool = True,
+) -> list[BenchRecord]:
+    """Time several methods side by side; model, batch and initial weights depend on ``seed``.
+
+    The timed steps are interleaved (one step of every method per round, ``steps`` rounds),
+    so that a slow period of a shared machine hits every method alike and the ratios stay
+    fair.  ``memory=False`` skips the peak-memory measurement (``peak_memory_bytes`` is
+    ``None``).
+    """
+    configs = [
+        dict(
+            spec=spec,
+            width=width,
+            depth=depth,
+            batch_size=batch_size,
+            warmup=warmup,
+            device=device,
+            seed=seed,
+        )
+        for spec in specs
+    ]
+    setups = [_setup(**config) for config in configs]
+
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(warmup):
-        step()
+    for setup in setups:
+        for _ in range(warmup):
+            setup.step()
     sync()
-    times = []
+    times: list[list[float]] = [[] for _ in setups]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    peak = _peak_memory(step, device)
-    fidelity = _fidelity(est, model, x, y)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    solver = getattr(getattr(est, "guess", None), "solver", None)
-    return BenchRecord(
-        method=spec,
-        solver=solver,
-        width=width,
-        batch_size=batch_size,
-        device=str(device),
-        step_seconds_median=statistics.median(times),
-        step_seconds_iqr=q[2] - q[0],
-        peak_memory_bytes=peak,
-        fidelity=fidelity,
-    )
+        for setup, record in zip(setups, times):
+            t0 = time.perf_counter()
+            setup.step()
+            sync()
+            record.append(time.perf_counter() - t0)
+    records = []
+    for config, setup, ts in zip(configs, setups, times):
+        fidelity = _fidelity(setup.est, setup.model, setup.x, setup.y)
+        peak = None
+        if memory:
+            peak = (
+                _cpu_peak_memory(**config)
+                if device.type == "cpu"
+                else _peak_memory(setup.step, device)
+            )
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        records.append(
+            BenchRecord(
+                method=str(config["spec"]),
+                solver=getattr(getattr(setup.est, "guess", None), "solver", None),
+                width=width,
+                batch_size=batch_size,
+                device=str(device),
+                step_seconds_median=statistics.median(ts),
+                step_seconds_iqr=q[2] - q[0],
+                peak_memory_bytes=peak,
+                fidelity=fidelity,
+            )
+        )
+    return records
+
+
+def bench_method(spec: str, **kwargs: Any) -> BenchRecord:
+    """:func:`bench_methods` for one method."""
+    return bench_methods([spec], **kwargs)[0]
 
 
 def markdown(records: list[BenchRecord]) -> str:
@@ -252,22 +342,16 @@ def main(args: argparse.Namespace) -> int:
     for spec in specs:  # fail on a bad name before timing anything
         name, options = parse_method(spec)
         make_estimator(name, **options)
-    records = []
-    for spec in specs:
-        records.append(
-            bench_method(
-                spec,
-                width=args.width,
-                depth=args.depth,
-                batch_size=args.batch_size,
-                steps=args.steps,
-                warmup=args.warmup,
-                device=device,
-                seed=args.seed,
-            )
-        )
-        if not args.json:
-            print(f"measured {spec}", file=sys.stderr, flush=True)
+    records = bench_methods(
+        specs,
+        width=args.width,
+        depth=args.depth,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        seed=args.seed,
+    )
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2))
     else:

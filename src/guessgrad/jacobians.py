@@ -52,8 +52,14 @@ class UpstreamJacobian(Protocol):
         """W̃_bᵀ u_b: ``(B, ..., rows) -> (B, ..., cols)``."""
         ...
 
-    def gram_apply(self, v: Tensor) -> Tensor:
-        """G_b v_b with G_b = W̃_bᵀ W̃_b: ``(B, ..., cols) -> (B, ..., cols)``."""
+    def gram_apply(
+        self, v: Tensor, *, restricted: bool = False, out: Tensor | None = None
+    ) -> Tensor:
+        """G_b v_b with G_b = W̃_bᵀ W̃_b: ``(B, ..., cols) -> (B, ..., cols)``.
+
+        ``restricted=True`` promises v_b = P_b v_b (see ``restrict``), which lets an
+        implementation skip work (for ReLU masks: the mask on the input side).  ``out``, a
+        contiguous tensor of the result's shape, receives the result (and is returned)."""
         ...
 
     def dense(self) -> Tensor:
@@ -118,18 +124,31 @@ class MaskedLinearJacobian:
 
     def apply_t(self, u: Tensor) -> Tensor:
         v = _matmul_2d(u, self.weight)
-        return v * self._mask_like(v)
+        return v.mul_(self._mask_like(v))
 
-    def gram_apply(self, v: Tensor) -> Tensor:
+    def gram_apply(
+        self, v: Tensor, *, restricted: bool = False, out: Tensor | None = None
+    ) -> Tensor:
+        mask = self._mask_like(v)
+        v = v if restricted else v * mask
         if 2 * self.rows <= self.cols:
-            return self.apply_t(self.apply(v))
+            return _matmul_2d(_matmul_2d(v, self.weight.T), self.weight, out=out).mul_(mask)
         if self._gram is None:
             self._gram = self.weight.T @ self.weight  # (n, n)
-        mask = self._mask_like(v)
-        return _matmul_2d(v * mask, self._gram) * mask
+        return _matmul_2d(v, self._gram, out=out).mul_(mask)
 
     def restrict(self, v: Tensor) -> Tensor:
         return v * self._mask_like(v)
+
+    def row_gram(self) -> Tensor:
+        """W̃_b W̃_bᵀ = W M_b Wᵀ for every example, ``(B, m, m)``: one (B × n)·(n × m²) product
+        over the outer products w_j w_jᵀ of W's columns when m² ≤ 4n, else per example."""
+        m, n = self.rows, self.cols
+        if m * m <= 4 * n:
+            outer = self.weight.T.unsqueeze(2) * self.weight.T.unsqueeze(1)  # (n, m, m)
+            return (self.mask @ outer.reshape(n, m * m)).view(self.batch, m, m)
+        wm = self.weight.unsqueeze(0) * self.mask.unsqueeze(1)  # (B, m, n)
+        return wm @ self.weight.T
 
     def dense(self) -> Tensor:
         return self.weight.unsqueeze(0) * self.mask.unsqueeze(1)  # (B, m, n)
@@ -140,10 +159,15 @@ class MaskedLinearJacobian:
         return MaskedLinearJacobian(self.weight, self.mask[examples], self._gram)
 
 
-def _matmul_2d(v: Tensor, w: Tensor) -> Tensor:
+def _matmul_2d(v: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
     """``v @ w`` for a batched ``v (..., a)`` and a shared ``w (a, c)`` as one 2-D product.
 
     ``torch.matmul`` can dispatch a 3-D × 2-D product to a batched kernel over a broadcast
-    ``w``, several times slower on CPU than one large matrix product.
+    ``w``, several times slower on CPU than one large matrix product.  ``out`` (contiguous,
+    shape ``(..., c)``) receives the result.
     """
-    return (v.reshape(-1, v.shape[-1]) @ w).reshape(*v.shape[:-1], w.shape[-1])
+    v2 = v.reshape(-1, v.shape[-1])
+    if out is None:
+        return (v2 @ w).reshape(*v.shape[:-1], w.shape[-1])
+    torch.mm(v2, w, out=out.view(-1, w.shape[-1]))
+    return out

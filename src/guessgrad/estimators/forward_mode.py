@@ -69,7 +69,7 @@ def tangent_forward(
         sites.append(site)
         injected.append(v)
         if jac is not None:
-            h, t = torch.relu(s), ts * jac.mask
+            h, t = torch.relu(s), ts.mul_(jac.mask) if ts is not v else ts * jac.mask
     log_p = F.log_softmax(s, dim=1)
     loss = F.nll_loss(log_p, y)
     residual = log_p.exp()  # ∂CE_b/∂s_l = softmax − onehot

@@ -38,7 +38,14 @@ from torch import Tensor
 
 from ..jacobians import UpstreamJacobian
 from ..solvers.newton_schulz import load_coefficients, ns_factor, sigma_ratio
-from ..solvers.subspace import DEFAULT_DEPTH, block_krylov, exact_row_space, orthonormalize_rows
+from ..solvers.subspace import (
+    DEFAULT_DEPTH,
+    exact_row_space,
+    krylov_ritz,
+    next_start,
+    orthonormalize_rows,
+    row_space_sample,
+)
 from ..solvers.svd import bottom_right_singular, rank_right_singular, top_right_singular
 from .base import Guess, Site, gaussian
 
@@ -50,8 +57,8 @@ SOLVERS = ("svd", "subspace", "newton-schulz")
 NS_REFRESH = 50
 #: examples per block Krylov solve: bounds the solver's memory, keeps products large
 DEFAULT_CHUNK: int | None = None
-#: with ``chunk=None``, each solve holds at most this many numbers per Krylov buffer
-CHUNK_NUMBERS = 2**20
+#: with ``chunk=None``, the solver's per-chunk workspace stays within this many bytes
+CHUNK_BYTES = 4 * 2**20
 
 
 class WPerpGuess(Guess):
@@ -65,11 +72,11 @@ class WPerpGuess(Guess):
             ``"subspace"``.
         depth: block Krylov depth for ``solver="subspace"`` (cost: depth + 1 block products).
         block: Krylov block size for ``solver="subspace"``; defaults to k.
-        chunk: examples solved at once by ``solver="subspace"``; bounds the solver's extra
-            memory to about 3·chunk·block·(depth + 1)·n numbers instead of growing with the
-            batch.  ``None`` (default) picks the largest chunk with chunk·block·(depth+1)·n
-            ≤ 2^20: the whole batch for narrow layers (few, large products), 68 examples at
-            width 512 with k = 10.
+        chunk: examples whose Krylov blocks are held at once by ``solver="subspace"``; bounds
+            the solver's extra memory instead of letting it grow with the batch.  ``None``
+            (default) picks the largest chunk whose workspace, (depth + 2)·block·n numbers in
+            the working dtype plus as many in float64 per example, fits in ``CHUNK_BYTES``
+            (4 MiB): 17 examples at width 512 with k = 10, 68 at width 128.
     """
 
     needs_jacobian = True
@@ -142,8 +149,8 @@ class WPerpGuess(Guess):
             return exact_row_space(jac, k), {}
         if self.solver == "newton-schulz":
             return self._ns_factor(jac, state)
-        parts = list(self._krylov_chunks(jac, state))
-        return torch.cat([basis for _, basis in parts], dim=0), {"start": parts[0][0]}
+        ritz, start = self._krylov(jac, state)
+        return ritz.vectors(), {"start": start}
 
     def _ns_factor(
         self, jac: UpstreamJacobian, state: dict[str, Any]
@@ -158,19 +165,18 @@ class WPerpGuess(Guess):
             update["sigma_ratio"] = ratio
         return ns_factor(w, ratio, load_coefficients()), update
 
-    def _krylov_chunks(self, jac: UpstreamJacobian, state: dict[str, Any]):
-        """Yield ``(next_start, basis)`` per chunk of examples (block Krylov solver)."""
+    def _krylov(self, jac: UpstreamJacobian, state: dict[str, Any]) -> tuple[Any, Tensor]:
+        """The block Krylov solve (:func:`~guessgrad.solvers.subspace.krylov_ritz`) and the
+        next warm start."""
         k = int(self.k)
         b = min(self.block or k, jac.cols)
         start = state.get("start")
         if start is None or start.shape != (b, jac.cols):
             start = _initial_start(b, jac.cols, jac.dtype, jac.device)
-        p = b * (self.depth + 1)
-        step = self.chunk or max(1, CHUNK_NUMBERS // (p * jac.cols))
-        for lo in range(0, jac.batch, step):
-            part = jac.select(slice(lo, lo + step))
-            basis, next_start = block_krylov(part, min(k, jac.cols), start, depth=self.depth)
-            yield next_start, basis
+        per_example = (self.depth + 2) * b * jac.cols * (_itemsize(jac.dtype) + 8)
+        chunk = self.chunk or max(1, CHUNK_BYTES // per_example)
+        ritz = krylov_ritz(jac, min(k, jac.cols), start, depth=self.depth, chunk=chunk)
+        return ritz, next_start(ritz.power, start)
 
     def sample(
         self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
@@ -180,14 +186,12 @@ class WPerpGuess(Guess):
         if self.solver == "subspace" and self.k == "rank" and jac.rows >= jac.cols:
             return jac.restrict(gaussian((site.batch, site.width), site.s, generator))
         if self.solver == "subspace" and self.k != "rank" and jac.rows > int(self.k):
-            # chunk by chunk, so that no (B, k, n) basis is ever held whole
-            ys, first = [], None
-            for next_start, basis in self._krylov_chunks(jac, state):
-                first = next_start if first is None else first
-                z = gaussian((basis.shape[0], 1, basis.shape[1]), site.s, generator)
-                ys.append((z @ basis).squeeze(1))
-            state["start"] = first
-            return torch.cat(ys, dim=0)  # (B, n)
+            ritz, state["start"] = self._krylov(jac, state)
+            return ritz.combine(gaussian((site.batch, ritz.k), site.s, generator))  # (B, n)
+        if self.solver != "svd" and (self.k == "rank" or jac.rows <= int(self.k)):
+            # the closed form: the whole row space of W̃_b, sampled without forming a basis
+            z = gaussian((site.batch, jac.rows), site.s, generator)
+            return row_space_sample(jac, z)
         basis, update = self.basis(site, state)
         state.update(update)
         z = gaussian((site.batch, 1, basis.shape[1]), site.s, generator)  # (B, 1, r)
@@ -199,6 +203,10 @@ class WPerpGuess(Guess):
 
     def __repr__(self) -> str:
         return f"WPerpGuess(k={self.k!r}, subspace={self.subspace!r}, solver={self.solver!r})"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _initial_start(b: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:

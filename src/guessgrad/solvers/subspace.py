@@ -4,16 +4,22 @@ The top-k right singular subspace of W̃_b is the top-k eigenspace of the Gram m
 G_b = W̃_bᵀ W̃_b (for an MLP, G_b = M_b W_{i+1}ᵀ W_{i+1} M_b).  A randomized block Krylov method with
 Rayleigh–Ritz (Musco & Musco 2015, "Randomized block Krylov methods for stronger and faster
 approximate SVD"; Saad, *Numerical Methods for Large Eigenvalue Problems*, §6) touches G_b
-only through ``jacobian.apply``/``apply_t`` on a block of b vectors per example, which for the
-whole batch is one (B·b × n)·(n × m) product: large, fast matrix products.  The only
-factorizations are batched small symmetric eigendecompositions (at most b·(depth+1) wide),
-never an SVD or QR of a tall matrix.  Krylov spaces converge with the square root of the
-spectral gap, which matters here: at initialisation the top of the spectrum of G_b is flat.
+only through ``jacobian.gram_apply`` on a block of b vectors per example, which for the whole
+batch is one (B·b × n)·(n × n) product: large, fast matrix products.  Krylov spaces converge
+with the square root of the spectral gap, which matters here: at initialisation the top of the
+spectrum of G_b is flat.
 
-Warm start: every example starts from Q_b = P_b S, the shared block S (b × n) restricted to
+Everything else happens in the small coordinates of the Krylov space (:func:`krylov_ritz`):
+one batched float64 Gram of the Krylov vectors, then p × p Cholesky factors, triangular
+solves and products, p = b·(depth + 1).  No SVD, QR or eigendecomposition of anything, and no
+orthogonalisation of n-vectors: batched LAPACK on many small matrices is slow on CPU and GPU
+alike (a batched symmetric eigensolver is >10× slower than a batched Cholesky of the same
+matrices), and Gram–Schmidt on n-vectors costs more than the products themselves.
+
+Warm start: every example starts from Y_0 = P_b S, the shared block S (b × n) restricted to
 the coordinates that can carry gradient (for ReLU, the active units), and S tracks the top-b
 eigenspace of the batch-mean Gram across steps by one power step per call whose product
-(G_b Q_b) is computed anyway.
+(G_b Y_0) is computed anyway.
 
 Departure from the exact solver: where G_b has fewer than k nonzero eigenvalues (an example
 with fewer active units than k), the rows beyond its rank are returned as zero instead of
@@ -22,6 +28,8 @@ has no component in the null space, so the bias is the same and the variance sma
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,7 +40,13 @@ __all__ = [
     "orthonormalize_rows",
     "rayleigh_ritz",
     "block_krylov",
+    "krylov_ritz",
+    "KrylovRitz",
+    "next_start",
+    "cholesky_orthonormalize",
     "exact_row_space",
+    "row_gram",
+    "row_space_sample",
     "DEFAULT_DEPTH",
 ]
 
@@ -40,7 +54,11 @@ __all__ = [
 DEFAULT_DEPTH = 2
 #: Rayleigh–Ritz by subspace iteration: ``DEFAULT_RITZ_ITERS`` products with T^power
 DEFAULT_RITZ_POWER = 4
-DEFAULT_RITZ_ITERS = 6
+DEFAULT_RITZ_ITERS = 3
+#: examples whose small Rayleigh–Ritz problems are solved together (their (p+b)² float64 Grams
+#: are held at once): few enough to bound memory, many enough that the small batched
+#: operations are not dominated by their per-call overhead
+RITZ_GROUP = 128
 
 
 def _rtol(dtype: torch.dtype) -> float:
@@ -93,9 +111,10 @@ def rayleigh_ritz(q: Tensor, gq: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _fill_rows(new: Tensor, old: Tensor) -> Tensor:
     # keep old directions where the mean Gram gave (numerically) zero rows, so the
     # warm start never loses rank
-    dead = new.norm(dim=1) == 0
+    norms = new.norm(dim=1, keepdim=True)
+    dead = norms[:, 0] < 0.5  # zero, or (numerically) spanned by the rows before it
     if not bool(dead.any()):
-        return new
+        return new / norms
     return orthonormalize_rows(torch.where(dead.unsqueeze(1), old, new).unsqueeze(0))[0]
 
 
@@ -121,45 +140,262 @@ def cholesky_orthonormalize(q: Tensor, *, equilibrate: bool = False) -> Tensor:
     if equilibrate:
         q = q / q.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
     gram = q @ q.mT  # (B, p, p)
-    p = gram.shape[-1]
     mean_diag = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1, keepdim=True)  # (B, 1)
-    eye = torch.eye(p, dtype=q.dtype, device=q.device)
-    tiny = torch.finfo(q.dtype).tiny
+    chol = _jittered_cholesky(gram, mean_diag, _JITTERS)
+    return torch.linalg.solve_triangular(chol, q, upper=False)
+
+
+def _jittered_cholesky(gram: Tensor, scale: Tensor, jitters: tuple[float, ...]) -> Tensor:
+    """Cholesky factor of ``gram + c·eps·scale·I`` (``scale (B, 1)``) per matrix, with the
+    smallest c in ``jitters`` for which the factorization succeeds."""
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    eps, tiny = torch.finfo(gram.dtype).eps, torch.finfo(gram.dtype).tiny
 
     def factor(c: float) -> tuple[Tensor, Tensor]:
-        jitter = (c * torch.finfo(q.dtype).eps * mean_diag).clamp_min(tiny)  # (B, 1)
+        jitter = (c * eps * scale).clamp_min(tiny)  # (B, 1)
         return torch.linalg.cholesky_ex(gram + jitter.unsqueeze(-1) * eye)
 
-    chol, info = factor(_JITTERS[0])
-    for c in _JITTERS[1:]:  # a larger jitter only where the smaller one failed
+    chol, info = factor(jitters[0])
+    for c in jitters[1:]:  # a larger jitter only where the smaller one failed
         failed = info != 0
         if not bool(failed.any()):
             break
         retry, retry_info = factor(c)
         chol = torch.where(failed.view(-1, 1, 1), retry, chol)
         info = torch.where(failed, retry_info, info)
-    return torch.linalg.solve_triangular(chol, q, upper=False)
+    return chol
 
 
-def _dominant_subspace(t: Tensor, k: int, power: int, iters: int) -> Tensor:
-    """``(B, p, k)`` orthonormal columns spanning ≈ the top-k eigenspace of each PSD ``t``.
+#: jitters δ of the Krylov Gram's Cholesky factor, in units of eps64 (the Gram has unit
+#: diagonal), tried in turn; the last (δ ≈ 2e-6, far above the dependence floor, so nothing
+#: is amplified) only where rounding makes the smaller ones fail
+_GRAM_JITTERS = (10.0, 1e2, 1e10)
+#: a Krylov vector whose residual², after projecting out the earlier ones, is below
+#: max((_DEPENDENT·eps)², _GRAM_FLOOR·eps64) of its own norm² counts as dependent and is dropped
+#: from the Ritz problem: rounding in Y_{j+1} = ωG Y_j (relative size eps) enters T amplified
+#: by 1/residual, and the float64 Gram resolves residual² only down to a few eps64
+_DEPENDENT = 1e3
+_GRAM_FLOOR = 1e3
 
-    Subspace iteration Z ← orth(T^power Z) from a fixed random start, ``iters`` times: the
-    k-th/(k+1)-th eigenvalue ratio enters as its (power·iters)-th power.  Orthonormalising
-    between products keeps all k directions representable in float32, which one high power
-    of T would not.  Only small matrix products and Cholesky QR.
+
+@dataclass(frozen=True)
+class KrylovRitz:
+    """Top-k Ritz vectors of every G_b as polynomials in G_b applied to the start block.
+
+    With Y_j = (ωG_b)^j P_b S the Krylov blocks, the Ritz vectors are V_b = Σ_j C_{j,b}ᵀ Y_{j,b},
+    coefficients ``coeffs (B, q+1, b, k)``.  The blocks are not stored: V_bᵀ z_b is evaluated
+    by Horner's rule, V_bᵀ z = u_0 + ωG_b(u_1 + ωG_b(u_2 + …)) with u_j = P_b Sᵀ C_{j,b} z, which
+    costs q products of one vector per example (:meth:`combine`).  ``power (b, n)`` is
+    Σ_b G_b P_b S, for the next warm start (:func:`next_start`).  The rows of V_b are
+    orthonormal up to rounding (about 1e-5 in float32) and zero past the numerical rank.
     """
-    p = t.shape[-1]
+
+    jacobian: UpstreamJacobian
+    start: Tensor
+    omega: Tensor
+    coeffs: Tensor
+    power: Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.coeffs.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.coeffs.shape[-1]
+
+    def _horner(self, w: Tensor) -> Tensor:
+        # w (B, q+1, b, r) → Σ_j (ωG)^j P Sᵀ w_j, (B, r, n)
+        out = None
+        for j in reversed(range(w.shape[1])):
+            u = self.jacobian.restrict(w[:, j].mT @ self.start)  # (B, r, n)
+            if out is not None:
+                g = self.jacobian.gram_apply(out, restricted=True)
+                u = u.add_(g.mul_(self.omega))
+            out = u
+        assert out is not None
+        return out
+
+    def combine(self, z: Tensor) -> Tensor:
+        """V_bᵀ z_b for ``z (B, k)``: ``(B, n)``."""
+        return self._horner(self.coeffs @ z.view(z.shape[0], 1, -1, 1)).squeeze(-2)
+
+    def vectors(self) -> Tensor:
+        """The Ritz vectors V_b, ``(B, k, n)``, polished to orthonormal rows (zero past rank)."""
+        v = cholesky_orthonormalize(self._horner(self.coeffs))
+        # a row the Gram–Schmidt order finds already spanned comes out with norm ≪ 1
+        norms = v.norm(dim=-1, keepdim=True)
+        return torch.where(norms > 0.5, v / norms.clamp_min(1e-30), 0.0)
+
+
+def _orthonormal_columns(z: Tensor) -> Tensor:
+    """Jittered Cholesky QR of the columns of ``z (B, p, k)`` (float64), columns scaled to unit
+    norm first: columns that are (numerically) combinations of earlier ones, or zero, come out
+    with norm ≪ 1."""
+    gram = z.mT @ z  # (B, k, k)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
+    s = torch.where(diag > 0, diag.clamp_min(torch.finfo(z.dtype).tiny).rsqrt(), 0.0)
+    ones = torch.ones_like(diag[..., :1])
+    chol = _jittered_cholesky(s.unsqueeze(-1) * gram * s.unsqueeze(-2), ones, _JITTERS)
+    return torch.linalg.solve_triangular(chol, (z * s.unsqueeze(-2)).mT, upper=False).mT
+
+
+def _top_eigenspace(t: Tensor, z: Tensor, power: int, iters: int) -> Tensor:
+    """Orthonormal columns ≈ spanning the top-k eigenspace of each PSD ``t (B, p, p)``.
+
+    Subspace iteration Z ← orth(T^power Z) from the start ``z (B, p, k)``, ``iters`` times:
+    the k-th/(k+1)-th eigenvalue ratio enters as its (power·iters)-th power.  Orthonormalising
+    between products keeps all k directions representable.  Small products and Cholesky only
+    (a batched symmetric eigensolver is ~10× slower than Cholesky on 512 small matrices).
+    """
     scale = torch.diagonal(t, dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(t.dtype).tiny)
-    tp = t / scale.view(-1, 1, 1)
-    for _ in range(power - 1):
-        tp = tp @ (t / scale.view(-1, 1, 1))
-    fixed = torch.Generator().manual_seed(0)
-    z = torch.randn(p, k, generator=fixed, dtype=torch.float64).to(t.dtype).to(t.device)
-    z = z.expand(t.shape[0], p, k)
+    tp, todo = t / scale.view(-1, 1, 1), power
+    while todo % 2 == 0 and todo > 1:  # T^(2^s) by squaring
+        tp, todo = tp @ tp, todo // 2
+    base = tp
+    for _ in range(todo - 1):
+        tp = tp @ base
     for _ in range(iters):
-        z = cholesky_orthonormalize((tp @ z).mT, equilibrate=True).mT  # (B, p, k)
-    return cholesky_orthonormalize(z.mT, equilibrate=True).mT
+        z = _orthonormal_columns(tp @ z)
+    return _orthonormal_columns(z)
+
+
+def _krylov_gram(
+    jacobian: UpstreamJacobian,
+    start: Tensor,
+    depth: int,
+    omega: Tensor | None,
+    ys: Tensor,
+    kall: Tensor,
+    out: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Products Y_i · Y_j, i ≤ q, j ≤ q + 1, of one chunk of examples in float64 into ``out
+    (c, p, p + b)``; returns Σ_b G_b Y_0 and ω.
+
+    ``ys (q+2, c, b, n)`` and ``kall (c, (q+2)·b, n)`` float64 are workspaces.
+    """
+    bsz, b, n = jacobian.batch, start.shape[0], start.shape[1]
+    torch.mul(start, jacobian.restrict(torch.ones_like(ys[0, :, :1])), out=ys[0])  # P_b S
+    for j in range(depth + 1):
+        g = jacobian.gram_apply(ys[j], restricted=True, out=ys[j + 1])
+        if omega is None:  # ω = ‖Y_0‖/‖G Y_0‖ on a few examples (1 if that is 0): a scale only
+            den = torch.linalg.vector_norm(g[:8])
+            omega = torch.where(den > 0, torch.linalg.vector_norm(ys[0, :8]) / den, 1.0)
+        g.mul_(omega)
+    power = ys[1].sum(0) / omega  # Σ_b G_b Y_0 (b, n)
+    # one batched product (faster than the 9 of 16 blocks needed, one by one)
+    kall.view(bsz, depth + 2, b, n).copy_(ys.transpose(0, 1))
+    torch.bmm(kall[:, : (depth + 1) * b], kall.mT, out=out)
+    return power, omega
+
+
+def _ritz_coefficients(
+    full: Tensor, b: int, depth: int, k: int, eps: float, ritz_power: int, ritz_iters: int
+) -> Tensor:
+    """Coefficients C ``(B, p, k)`` (float64) of the top-k Ritz vectors in the Krylov vectors,
+    from the products ``full (B, p, p + b)`` of :func:`_krylov_gram`; see :func:`krylov_ritz`."""
+    f64, device = full.dtype, full.device
+    p = b * (depth + 1)
+    gram = full[:, :p, :p]
+    a = full[:, :p, b:]  # Y_i · Y_{j+1} = Y_i (ωG) Y_j
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1)  # (B, p) squared norms
+    alive = diag > eps * diag.amax(-1, keepdim=True)
+    d = torch.where(alive, diag.clamp_min(torch.finfo(f64).tiny).rsqrt(), 0.0)
+    ones = torch.ones_like(diag[..., :1])
+    chol = _jittered_cholesky(d.unsqueeze(-1) * gram * d.unsqueeze(-2), ones, _GRAM_JITTERS)
+    floor = max((_DEPENDENT * eps) ** 2, _GRAM_FLOOR * torch.finfo(f64).eps)
+    dependent = torch.diagonal(chol, dim1=-2, dim2=-1).square() <= floor
+    keep = (alive & ~dependent).to(f64).unsqueeze(-1)  # (B, p, 1)
+    # L⁻¹D once (a triangular solve is slower than a product on small matrices), then
+    # T = L⁻¹ D A D L⁻ᵀ on the kept coordinates
+    ld = torch.linalg.solve_triangular(chol, torch.diag_embed(d), upper=False) * keep
+    t = ld @ a @ ld.mT
+    t = 0.5 * (t + t.mT)
+    # start: the coordinates of the last k Krylov vectors (the most powered ones) plus a fixed
+    # random block, so that no column starts at zero where those vectors were dropped
+    fixed = torch.Generator().manual_seed(0)
+    z = torch.randn(p, k, generator=fixed, dtype=f64).to(device)
+    z = (chol[:, -k:, :].mT + 1e-3 * z) * keep  # (B, p, k)
+    z = _top_eigenspace(t, z, ritz_power, ritz_iters) * keep
+    theta = (z * (t @ z)).sum(-2)  # (B, k) Rayleigh quotients
+    norms = (z * z).sum(-2).sqrt()
+    rtol = 1e3 * eps  # relative Ritz value below which a direction counts as zero
+    floor_theta = rtol * theta.amax(-1, keepdim=True).clamp_min(torch.finfo(f64).tiny)
+    good = ((norms > 0.5) & (theta > floor_theta)).to(f64)  # (B, k)
+    z = z * (good / norms.clamp_min(torch.finfo(f64).tiny)).unsqueeze(-2)
+    # V = Zᵀ L⁻¹ D K; V Vᵀ = Zᵀ(I − δ L⁻¹L⁻ᵀ)Z = I to δ/floor ≈ 1e-7 on the kept coordinates
+    return ld.mT @ z
+
+
+def krylov_ritz(
+    jacobian: UpstreamJacobian,
+    k: int,
+    start: Tensor,
+    *,
+    depth: int = DEFAULT_DEPTH,
+    ritz_power: int = DEFAULT_RITZ_POWER,
+    ritz_iters: int = DEFAULT_RITZ_ITERS,
+    chunk: int | None = None,
+) -> KrylovRitz:
+    """Approximate top-k right singular vectors of every W̃_b: block Krylov + Rayleigh–Ritz.
+
+    Search space of example b: K_b = span{Y_0, …, Y_q} (q = ``depth``), Y_0 = P_b S (S the
+    shared warm start ``start (b, n)``, P_b = ``jacobian.restrict``, the ReLU mask for an MLP)
+    and Y_{j+1} = ω G_b Y_j, with one scalar ω per call to keep the powers in range: q + 1
+    block products with G_b, each one (B·b × n)·(n × n) product for the whole batch.  The
+    blocks are *not* orthogonalised in Rⁿ: the Rayleigh–Ritz problem is solved entirely in
+    the p = b·(q+1) dimensional coordinates, from one batched float64 Gram of all q + 2 blocks
+    (Y_{q+1} supplies K G Kᵀ):
+
+        B = K Kᵀ,  A = K (ωG) Kᵀ,  D = diag(B)^{-1/2},  D B D + δI = L Lᵀ,
+        T = L⁻¹ D A D L⁻ᵀ,   T Z ≈ Z Θ (top k, by subspace iteration),   V = Zᵀ L⁻¹ D K.
+
+    Krylov vectors whose residual after the earlier ones is at the rounding level are dropped
+    from T, so no direction of rounding noise is promoted; Ritz directions with numerically
+    zero Ritz values, or not carried by the blocks, get zero coefficients; a last k × k
+    Cholesky step makes V's rows orthonormal.
+
+    Memory: the blocks of ``chunk`` examples at a time (Gram, then discarded); the (p + b)²
+    Grams of ``RITZ_GROUP`` examples are kept, and their small problems solved together.
+    The Ritz vectors are re-formed from S by Horner's rule when needed (:class:`KrylovRitz`),
+    so neither the blocks nor V are ever held for the whole batch.
+
+    Args:
+        jacobian: the W̃_b, batch B, shape m × n.
+        k: subspace size (≤ b·(depth + 1)).
+        start: ``(b, n)`` orthonormal rows S shared by all examples.
+        depth: Krylov depth q ≥ 0.
+        ritz_power, ritz_iters: the subspace iteration on T (T^ritz_power, ritz_iters times).
+        chunk: examples whose blocks are held at once (``None``: all).
+
+    Returns:
+        the :class:`KrylovRitz`; :func:`next_start` turns its ``power`` into the next warm
+        start.
+    """
+    bsz, n, b = jacobian.batch, jacobian.cols, start.shape[0]
+    dtype, device = jacobian.dtype, jacobian.device
+    eps = torch.finfo(dtype).eps
+    step = min(chunk or bsz, bsz)
+    group = step * max(1, -(-RITZ_GROUP // step))  # examples per small solve, chunk multiple
+    p = b * (depth + 1)
+    ys = torch.empty((depth + 2, step, b, n), dtype=dtype, device=device)
+    kall = torch.empty((step, p + b, n), dtype=torch.float64, device=device)
+    grams = torch.empty((min(group, bsz), p, p + b), dtype=torch.float64, device=device)
+    coeffs, power, omega = [], None, None
+    for first in range(0, bsz, group):
+        last = min(first + group, bsz)
+        for lo in range(first, last, step):
+            part = jacobian.select(slice(lo, min(lo + step, last)))
+            c = part.batch
+            out = grams[lo - first : lo - first + c]
+            pw, omega = _krylov_gram(part, start, depth, omega, ys[:, :c], kall[:c], out)
+            power = pw if power is None else power + pw
+        full = grams[: last - first]
+        coeffs.append(_ritz_coefficients(full, b, depth, k, eps, ritz_power, ritz_iters))
+    del ys, kall, grams
+    assert power is not None and omega is not None
+    coeff = coeffs[0] if len(coeffs) == 1 else torch.cat(coeffs)
+    return KrylovRitz(jacobian, start, omega, coeff.to(dtype).view(bsz, depth + 1, b, k), power)
 
 
 def block_krylov(
@@ -171,79 +407,72 @@ def block_krylov(
     ritz_power: int = DEFAULT_RITZ_POWER,
     ritz_iters: int = DEFAULT_RITZ_ITERS,
 ) -> tuple[Tensor, Tensor]:
-    """Approximate top-k right singular vectors of every W̃_b by block Krylov + Rayleigh–Ritz.
+    """:func:`krylov_ritz` with the Ritz vectors formed: ``(basis (B, k, n), next_start)``.
 
-    The search space of example b is the block Krylov space
-    K_b = span{Q_b, G_b Q_b, …, G_b^depth Q_b} with Q_b = P_b S (S the shared warm start,
-    P_b = ``jacobian.restrict``, the ReLU mask for an MLP), of dimension p = b·(depth + 1)
-    where b = ``start.shape[0]``.  The Rayleigh–Ritz step takes the top-k eigenspace of the
-    p × p projection T_b = K_bᵀ G_b K_b by subspace iteration with T_b^ritz_power, ritz_iters
-    times, rather than by a batched eigensolver (see :func:`cholesky_orthonormalize` for why).
-
-    Args:
-        jacobian: the W̃_b, batch B, shape m × n.
-        k: subspace size (≤ b·(depth + 1)).
-        start: ``(b, n)`` orthonormal rows S shared by all examples.
-        depth: Krylov depth q ≥ 0; the cost is q + 1 block products with G_b.
-        ritz_power, ritz_iters: the Rayleigh–Ritz subspace iteration.
-
-    Returns:
-        ``(basis (B, k, n), next_start (b, n))``: orthonormal rows (zero rows past the rank)
-        and the warm start for the next call, orth(mean_b G_b Q_b), a power step of the
-        batch-mean Gram.
+    The rows of ``basis`` are orthonormal to rounding, largest Ritz values not necessarily
+    first, zero rows past the numerical rank.
     """
-    bsz, b = jacobian.batch, start.shape[0]
-    x = jacobian.restrict(start.unsqueeze(0).expand(bsz, b, -1))  # (B, b, n) = P_b S
-    q = cholesky_orthonormalize(x, equilibrate=True)
-    gq = jacobian.gram_apply(q)  # (B, b, n)
-    next_start = _fill_rows(orthonormalize_rows(gq.mean(0, keepdim=True))[0], start)
-    p = b * (depth + 1)
-    kk = q.new_empty(bsz, p, q.shape[-1])  # (B, p, n) the Krylov basis, filled block by block
-    gk = torch.empty_like(kk)  # (B, p, n) G applied to it
-    kk[:, :b], gk[:, :b] = q, gq
-    for j in range(1, depth + 1):
-        basis = kk[:, : b * j]  # (B, b·j, n), orthonormal rows
-        w = gk[:, b * (j - 1) : b * j]  # (B, b, n) G times the previous block
-        v = w - (w @ basis.mT) @ basis
-        v = v - (v @ basis.mT) @ basis  # block Gram–Schmidt twice, for float32
-        # Where the Krylov space of an example is exhausted (rank(G_b) < b·j), rows of v are
-        # rounding noise of size ~eps·‖G Q‖: zero them rather than normalising noise into
-        # spurious unit directions; scale the others to unit norm.
-        scale = w.norm(dim=-1).amax(-1).view(-1, 1, 1)  # (B, 1, 1)
-        norms = v.norm(dim=-1, keepdim=True)  # (B, b, 1)
-        v = v * torch.where(
-            norms > _rtol(v.dtype) * scale, norms.clamp_min(1e-30).reciprocal(), 0.0
-        )
-        q = cholesky_orthonormalize(v)
-        kk[:, b * j : b * (j + 1)] = q
-        gk[:, b * j : b * (j + 1)] = jacobian.gram_apply(q)
-    t = kk @ gk.mT  # (B, p, p) = Kᵀ G K
-    t = 0.5 * (t + t.mT)
-    z = _dominant_subspace(t, k, ritz_power, ritz_iters)  # (B, p, k)
-    vectors = cholesky_orthonormalize(z.mT @ kk, equilibrate=True)  # (B, k, n)
-    # directions the Krylov space does not really hold come out of the jittered Cholesky
-    # with norm ≪ 1: drop them, renormalise the rest exactly
-    norms = vectors.norm(dim=-1, keepdim=True)
-    return torch.where(norms > 0.5, vectors / norms.clamp_min(1e-30), 0.0), next_start
+    ritz = krylov_ritz(
+        jacobian, k, start, depth=depth, ritz_power=ritz_power, ritz_iters=ritz_iters
+    )
+    return ritz.vectors(), next_start(ritz.power, start)
+
+
+def next_start(power: Tensor, start: Tensor) -> Tensor:
+    """The warm start for the next call: orth(Σ_b G_b P_b S), one power step of the batch-mean
+    Gram from S = ``start``; rows the power step zeroes keep S's direction."""
+    return _fill_rows(cholesky_orthonormalize(power.unsqueeze(0), equilibrate=True)[0], start)
 
 
 def exact_row_space(jacobian: UpstreamJacobian, k: int) -> Tensor:
     """Exact top-k right singular vectors when W̃_b has few rows (closed form).
 
-    With the small row Gram W̃_b W̃_bᵀ = U Λ Uᵀ (m × m), the right singular vectors are
-    V = W̃_bᵀ U Λ^{-1/2}.  For the last hidden layer of a classifier (m = number of classes
-    ≤ k) this is the whole row space of W̃_b, computed with m matrix-vector products and one
-    batched m × m eigendecomposition.
+    The rows of W̃_b (m of them: W̃_bᵀ e_j, m matrix-vector products) span its row space.  For
+    k ≥ m (the last hidden layer of a classifier: m = number of classes ≤ k) the answer is
+    that whole row space, and a Cholesky QR of those rows gives an orthonormal basis of it:
+    L⁻¹ W̃_b with L Lᵀ = W̃_b W̃_bᵀ (rows in Gram–Schmidt order; zero rows where a row of W̃_b
+    depends on the earlier ones).  For k < m the top-k singular directions are picked from
+    the row Gram W̃_b W̃_bᵀ = U Λ Uᵀ: V = Λ^{-1/2} Uᵀ W̃_b, largest first, zero rows for
+    numerically zero singular values.
 
-    Returns ``(B, min(k, m), n)`` orthonormal rows, largest singular value first; zero rows
-    for numerically zero singular values.
+    Returns ``(B, min(k, m), n)`` orthonormal (or zero) rows.
     """
     bsz, m = jacobian.batch, jacobian.rows
     eye = torch.eye(m, dtype=jacobian.dtype, device=jacobian.device).expand(bsz, m, m)
     wt = jacobian.apply_t(eye)  # (B, m, n): rows are W̃_bᵀ e_j
+    if k >= m:
+        rows = cholesky_orthonormalize(wt, equilibrate=True)
+        norms = rows.norm(dim=-1, keepdim=True)
+        return torch.where(norms > 0.5, rows / norms.clamp_min(1e-30), 0.0)
     gram = wt @ wt.mT  # (B, m, m) = W̃_b W̃_bᵀ
     lam, u = torch.linalg.eigh(0.5 * (gram + gram.mT))
     lam, u = lam.flip(-1)[..., :k], u.flip(-1)[..., :k]
     floor = _rtol(gram.dtype) * lam[..., :1].clamp_min(torch.finfo(gram.dtype).tiny)
     scale = torch.where(lam > floor, lam.clamp_min(torch.finfo(gram.dtype).tiny).rsqrt(), 0.0)
     return (u * scale.unsqueeze(-2)).mT @ wt
+
+
+def row_gram(jacobian: UpstreamJacobian) -> Tensor:
+    """W̃_b W̃_bᵀ ``(B, m, m)``: the Jacobian's own ``row_gram`` where it has one, else from m
+    products with W̃_bᵀ."""
+    fast = getattr(jacobian, "row_gram", None)
+    if fast is not None:
+        return fast()
+    m = jacobian.rows
+    eye = torch.eye(m, dtype=jacobian.dtype, device=jacobian.device)
+    wt = jacobian.apply_t(eye.expand(jacobian.batch, m, m))  # (B, m, n)
+    return wt @ wt.mT
+
+
+def row_space_sample(jacobian: UpstreamJacobian, z: Tensor) -> Tensor:
+    """y_b = W̃_bᵀ L_b⁻ᵀ z_b, L_b L_bᵀ = W̃_b W̃_bᵀ (+ a jitter of a few eps): ``z (B, m)``.
+
+    Cov(y_b) = W̃_bᵀ (W̃_b W̃_bᵀ)⁻¹ W̃_b, the orthogonal projector on the row space of W̃_b,
+    the same law as :func:`exact_row_space`'s basis times a standard normal vector, without
+    forming any (B, m, n) tensor: one m × m Cholesky per example and one product with W̃_bᵀ.
+    Rank-deficient W̃_b: the jitter shrinks directions with σ² below a few eps·‖W̃_b‖²."""
+    gram = row_gram(jacobian)
+    mean_diag = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1, keepdim=True)
+    chol = _jittered_cholesky(gram, mean_diag, _JITTERS)
+    u = torch.linalg.solve_triangular(chol.mT, z.unsqueeze(-1), upper=True)  # (B, m, 1)
+    return jacobian.apply_t(u.squeeze(-1))
