@@ -12,8 +12,12 @@ Departure (same law): since U_kᵀ ε_b ~ N(0, I_k), the code draws z_b ~ N(0, I
 returns y_b = V_k z_b; it never needs U.  ``solver`` picks how V_k is computed:
 
 - ``"svd"``: exact batched SVD of the dense W̃_b (the paper's construction, slow);
-- ``"subspace"``: block Krylov from matrix products (:mod:`guessgrad.solvers.subspace`), exact
-  closed form where the next layer has at most k rows;
+- ``"subspace"``: block Krylov from matrix products with Rayleigh–Ritz in the Krylov
+  coordinates (:mod:`guessgrad.solvers.subspace`); y_b = V_k z_b is evaluated from the shared
+  start block by Horner's rule, so no (B, k, n) basis is formed.  Where the next layer has at
+  most k rows the top-k subspace is the whole row space of W̃_b and the guess is drawn in
+  closed form, y_b = W̃_bᵀ L_b⁻ᵀ z_b with L_b L_bᵀ = W̃_b W̃_bᵀ (same law: Cov = the row-space
+  projector; :func:`~guessgrad.solvers.subspace.row_space_sample`);
 - ``"newton-schulz"``: the paper's W̃⊥-NS (§2.6, :mod:`guessgrad.solvers.newton_schulz`): a
   fitted odd polynomial applied 5 times to W̃_b/σ_1 gives F_b ≈ U_k V_kᵀ and y_b = F_bᵀ ε_b;
   σ_k/σ_1 is computed on the batch's first example and refreshed every ``refresh`` steps (50,
@@ -26,7 +30,7 @@ With ``solver="subspace"`` it is computed without any SVD: for a next layer with
 and full column rank, the row space of W̃_b = W_{i+1} M_b is exactly the span of the active
 units (any set of columns of a full-column-rank matrix is independent), so the guess is
 y_b = M_b z_b, activation perturbation restricted to the active units; for m < n the closed
-form of :func:`~guessgrad.solvers.subspace.exact_row_space` gives the m-dimensional row space.
+form above gives the m-dimensional row space.
 """
 
 from __future__ import annotations

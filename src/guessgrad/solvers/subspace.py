@@ -29,6 +29,7 @@ has no component in the null space, so the bias is the same and the variance sma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,11 +55,11 @@ __all__ = [
 DEFAULT_DEPTH = 2
 #: Rayleigh–Ritz by subspace iteration: ``DEFAULT_RITZ_ITERS`` products with T^power
 DEFAULT_RITZ_POWER = 4
-DEFAULT_RITZ_ITERS = 3
+DEFAULT_RITZ_ITERS = 2
 #: examples whose small Rayleigh–Ritz problems are solved together (their (p+b)² float64 Grams
 #: are held at once): few enough to bound memory, many enough that the small batched
 #: operations are not dominated by their per-call overhead
-RITZ_GROUP = 128
+RITZ_GROUP = 64
 
 
 def _rtol(dtype: torch.dtype) -> float:
@@ -260,6 +261,13 @@ def _top_eigenspace(t: Tensor, z: Tensor, power: int, iters: int) -> Tensor:
     return _orthonormal_columns(z)
 
 
+@functools.cache
+def _fixed_normal(p: int, k: int, device: torch.device) -> Tensor:
+    # a fixed-seed standard normal (p, k) block in float64, the same on every call
+    fixed = torch.Generator().manual_seed(0)
+    return torch.randn(p, k, generator=fixed, dtype=torch.float64).to(device)
+
+
 def _krylov_gram(
     jacobian: UpstreamJacobian,
     start: Tensor,
@@ -301,9 +309,9 @@ def _ritz_coefficients(
     """Coefficients C ``(B, p, k)`` (float64) of the top-k Ritz vectors in the Krylov vectors,
     from the products ``full (B, p, p + b)`` of :func:`_krylov_gram`; see :func:`krylov_ritz`.
 
-    The Gram's factorization is float64 (it is ill-conditioned by design); the subspace
-    iteration on T, whose eigenvalues are those of ωG_b, runs in ``dtype``, the vectors'
-    precision (small batched operations are ~3× faster in float32)."""
+    Everything here is float64: the Gram is ill-conditioned by design, and T^power must keep
+    directions with λ_k/λ_1 ≈ 1e-2 representable (float32 loses them on steep spectra).
+    ``dtype`` (the vectors' precision) sets the rounding floors."""
     f64, device = full.dtype, full.device
     eps = torch.finfo(dtype).eps
     p = b * (depth + 1)
@@ -324,19 +332,16 @@ def _ritz_coefficients(
     t = 0.5 * (t + t.mT)
     # start: the coordinates of the last k Krylov vectors (the most powered ones) plus a fixed
     # random block, so that no column starts at zero where those vectors were dropped
-    fixed = torch.Generator().manual_seed(0)
-    z = torch.randn(p, k, generator=fixed, dtype=f64).to(device)
-    z = (chol[:, -k:, :].mT + 1e-3 * z) * keep  # (B, p, k)
-    t, z, keep = t.to(dtype), z.to(dtype), keep.to(dtype)
+    z = (chol[:, -k:, :].mT + 1e-3 * _fixed_normal(p, k, device)) * keep  # (B, p, k)
     z = _top_eigenspace(t, z, ritz_power, ritz_iters) * keep
     theta = (z * (t @ z)).sum(-2)  # (B, k) Rayleigh quotients
     norms = (z * z).sum(-2).sqrt()
     rtol = 1e3 * eps  # relative Ritz value below which a direction counts as zero
-    floor_theta = rtol * theta.amax(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    good = ((norms > 0.5) & (theta > floor_theta)).to(dtype)  # (B, k)
-    z = z * (good / norms.clamp_min(torch.finfo(dtype).tiny)).unsqueeze(-2)
+    floor_theta = rtol * theta.amax(-1, keepdim=True).clamp_min(torch.finfo(f64).tiny)
+    good = ((norms > 0.5) & (theta > floor_theta)).to(f64)  # (B, k)
+    z = z * (good / norms.clamp_min(torch.finfo(f64).tiny)).unsqueeze(-2)
     # V = Zᵀ L⁻¹ D K; V Vᵀ = Zᵀ(I − δ L⁻¹L⁻ᵀ)Z = I to δ/floor ≈ 1e-7 on the kept coordinates
-    return ld.mT @ z.to(f64)
+    return ld.mT @ z
 
 
 def krylov_ritz(
