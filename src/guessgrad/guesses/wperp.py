@@ -62,7 +62,7 @@ NS_REFRESH = 50
 #: examples per block Krylov solve: bounds the solver's memory, keeps products large
 DEFAULT_CHUNK: int | None = None
 #: with ``chunk=None``, the solver's per-chunk workspace stays within this many bytes
-CHUNK_BYTES = 4 * 2**20
+CHUNK_BYTES = 8 * 2**20
 
 
 class WPerpGuess(Guess):
@@ -80,7 +80,8 @@ class WPerpGuess(Guess):
             the solver's extra memory instead of letting it grow with the batch.  ``None``
             (default) picks the largest chunk whose workspace, (depth + 2)·block·n numbers in
             the working dtype plus as many in float64 per example, fits in ``CHUNK_BYTES``
-            (4 MiB): 17 examples at width 512 with k = 10, 68 at width 128.
+            (8 MiB): 34 examples at width 512 with k = 10; never more than
+            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64).
     """
 
     needs_jacobian = True

@@ -383,7 +383,8 @@ def krylov_ritz(
         start: ``(b, n)`` orthonormal rows S shared by all examples.
         depth: Krylov depth q ≥ 0.
         ritz_power, ritz_iters: the subspace iteration on T (T^ritz_power, ritz_iters times).
-        chunk: examples whose blocks are held at once (``None``: all).
+        chunk: examples whose blocks are held at once (``None``: all), at most
+            ``RITZ_GROUP``.
 
     Returns:
         the :class:`KrylovRitz`; :func:`next_start` turns its ``power`` into the next warm
@@ -391,7 +392,7 @@ def krylov_ritz(
     """
     bsz, n, b = jacobian.batch, jacobian.cols, start.shape[0]
     dtype, device = jacobian.dtype, jacobian.device
-    step = min(chunk or bsz, bsz)
+    step = min(chunk or bsz, bsz, RITZ_GROUP)
     group = step * max(1, -(-RITZ_GROUP // step))  # examples per small solve, chunk multiple
     p = b * (depth + 1)
     ys = torch.empty((depth + 2, step, b, n), dtype=dtype, device=device)
