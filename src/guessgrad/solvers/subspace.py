@@ -67,30 +67,17 @@ def _rtol(dtype: torch.dtype) -> float:
     return 1e3 * torch.finfo(dtype).eps
 
 
-def _lowdin(q: Tensor, noise: Tensor | None = None) -> Tensor:
-    """C with C q orthonormal rows: C = Λ^{-1/2} Uᵀ from q qᵀ = U Λ Uᵀ, ``(B, p, p)``.
-
-    Numerically zero eigenvalues give zero rows of C instead of NaN: "zero" is below
-    ``_rtol`` times the largest eigenvalue, or below ``noise`` ``(B, 1)`` (a squared norm)
-    when given.
-    """
-    gram = q @ q.mT  # (B, p, p)
-    lam, u = torch.linalg.eigh(gram)
-    floor = _rtol(q.dtype) * lam[..., -1:]
-    if noise is not None:
-        floor = torch.maximum(floor, noise)
-    floor = floor.clamp_min(torch.finfo(q.dtype).tiny)
-    inv_sqrt = torch.where(lam > floor, lam.clamp_min(torch.finfo(q.dtype).tiny).rsqrt(), 0.0)
-    return (u * inv_sqrt.unsqueeze(-2)).mT
-
-
 def orthonormalize_rows(q: Tensor) -> Tensor:
     """Orthonormal rows spanning the rows of each ``q[b]``, ``(B, p, n) -> (B, p, n)``.
 
     Symmetric (Löwdin) orthonormalisation Q ← Λ^{-1/2} Uᵀ Q from the p × p Gram Q Qᵀ = U Λ Uᵀ.
-    Rank-deficient blocks give zero rows for the numerically zero eigenvalues instead of NaN.
+    Rank-deficient blocks give zero rows for the numerically zero eigenvalues (below ``_rtol``
+    times the largest) instead of NaN.
     """
-    return _lowdin(q) @ q
+    lam, u = torch.linalg.eigh(q @ q.mT)
+    floor = (_rtol(q.dtype) * lam[..., -1:]).clamp_min(torch.finfo(q.dtype).tiny)
+    inv_sqrt = torch.where(lam > floor, lam.clamp_min(torch.finfo(q.dtype).tiny).rsqrt(), 0.0)
+    return (u * inv_sqrt.unsqueeze(-2)).mT @ q
 
 
 def rayleigh_ritz(q: Tensor, gq: Tensor, k: int) -> tuple[Tensor, Tensor]:
