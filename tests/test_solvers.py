@@ -390,11 +390,21 @@ def test_krylov_ritz_combine_is_the_basis_times_z():
     )
 
 
-def test_krylov_ritz_chunks_do_not_change_the_result():
+@pytest.mark.parametrize(
+    ("chunk", "group", "sub"),
+    [(2, 64, 8), (5, 3, 8), (4, 4, 3), (9, 64, 2)],
+    ids=["small-chunks", "chunk-above-group", "sub-chunks", "sub-chunk-remainder"],
+)
+def test_krylov_ritz_chunks_do_not_change_the_result(monkeypatch, chunk, group, sub):
+    import guessgrad.solvers.subspace as subspace
+
     gen = torch.Generator().manual_seed(17)
     w = torch.randn(24, 16, generator=gen, dtype=F64) / 4
     jac = MaskedLinearJacobian(w, random_masks(9, 16, gen, 0.3))
     whole = krylov_ritz(jac, 4, start_for(4, 16))
-    chunked = krylov_ritz(jac, 4, start_for(4, 16), chunk=2)
+    # examples held at once, examples per small solve, examples per float64 product
+    monkeypatch.setattr(subspace, "RITZ_GROUP", group)
+    monkeypatch.setattr(subspace, "GRAM_BYTES", sub * (4 * 3 + 4) * 16 * 8)
+    chunked = krylov_ritz(jac, 4, start_for(4, 16), chunk=chunk)
     torch.testing.assert_close(projector(chunked.vectors()), projector(whole.vectors()))
     torch.testing.assert_close(chunked.power, whole.power)

@@ -79,7 +79,7 @@ class ForwardGradient(Estimator):
         result = self.tangent_pass(layers, x, y, generator=generator)
         grads: list[tuple[nn.Parameter, Tensor]] = []
         for layer, site, guess in zip(layers, result.sites, result.injected):
-            g_hat = result.d.unsqueeze(1) * guess  # (B, d_{i+1}) = ĝ_i
+            g_hat = guess.mul_(result.d.unsqueeze(1))  # (B, d_{i+1}) = ĝ_i, in place
             grads.append((layer.weight, g_hat.T @ site.x))
             if layer.bias is not None:
                 grads.append((layer.bias, g_hat.sum(0)))

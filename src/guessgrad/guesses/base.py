@@ -66,7 +66,8 @@ class Guess(ABC):
     def sample(
         self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
     ) -> Tensor:
-        """One guess per example, ``(B, d_{i+1})``."""
+        """One guess per example, ``(B, d_{i+1})``: a new tensor, which the caller owns and
+        may overwrite (the estimators scale it by d_b in place)."""
 
     @abstractmethod
     def covariance(self, site: Site, state: dict[str, Any]) -> Tensor:

@@ -62,7 +62,7 @@ NS_REFRESH = 50
 #: examples per block Krylov solve: bounds the solver's memory, keeps products large
 DEFAULT_CHUNK: int | None = None
 #: with ``chunk=None``, the solver's per-chunk workspace stays within this many bytes
-CHUNK_BYTES = 8 * 2**20
+CHUNK_BYTES = 5 * 2**20
 
 
 class WPerpGuess(Guess):
@@ -78,10 +78,9 @@ class WPerpGuess(Guess):
         block: Krylov block size for ``solver="subspace"``; defaults to k.
         chunk: examples whose Krylov blocks are held at once by ``solver="subspace"``; bounds
             the solver's extra memory instead of letting it grow with the batch.  ``None``
-            (default) picks the largest chunk whose workspace, (depth + 2)·block·n numbers in
-            the working dtype plus as many in float64 per example, fits in ``CHUNK_BYTES``
-            (8 MiB): 34 examples at width 512 with k = 10; never more than
-            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64).
+            (default) picks the largest chunk whose Krylov blocks, (depth + 2)·block·n
+            numbers in the working dtype per example, fit in ``CHUNK_BYTES`` (5 MiB): 64
+            examples at width 512 with k = 10.
     """
 
     needs_jacobian = True
@@ -178,7 +177,7 @@ class WPerpGuess(Guess):
         start = state.get("start")
         if start is None or start.shape != (b, jac.cols):
             start = _initial_start(b, jac.cols, jac.dtype, jac.device)
-        per_example = (self.depth + 2) * b * jac.cols * (_itemsize(jac.dtype) + 8)
+        per_example = (self.depth + 2) * b * jac.cols * _itemsize(jac.dtype)
         chunk = self.chunk or max(1, CHUNK_BYTES // per_example)
         ritz = krylov_ritz(jac, min(k, jac.cols), start, depth=self.depth, chunk=chunk)
         return ritz, next_start(ritz.power, start)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..jacobians import UpstreamJacobian
+from ..jacobians import UpstreamJacobian, _matmul_2d
 
 __all__ = [
     "orthonormalize_rows",
@@ -60,6 +60,9 @@ DEFAULT_RITZ_ITERS = 2
 #: are held at once): few enough to bound memory, many enough that the small batched
 #: operations are not dominated by their per-call overhead
 RITZ_GROUP = 64
+#: bytes of float64 Krylov vectors copied and multiplied at once (small enough to stay in
+#: cache: 8 examples at width 512 with k = 10, depth 2)
+GRAM_BYTES = 1280 * 2**10
 
 
 def _rtol(dtype: torch.dtype) -> float:
@@ -196,7 +199,7 @@ class KrylovRitz:
         # w (B, q+1, b, r) → Σ_j (ωG)^j P Sᵀ w_j, (B, r, n)
         out = None
         for j in reversed(range(w.shape[1])):
-            u = self.jacobian.restrict(w[:, j].mT @ self.start)  # (B, r, n)
+            u = self.jacobian.restrict(_matmul_2d(w[:, j].mT, self.start))  # (B, r, n)
             if out is not None:
                 g = self.jacobian.gram_apply(out, restricted=True)
                 u = u.add_(g.mul_(self.omega))
@@ -267,7 +270,8 @@ def _krylov_gram(
     """Products Y_i · Y_j, i ≤ q, j ≤ q + 1, of one chunk of examples in float64 into ``out
     (c, p, p + b)``; returns Σ_b G_b Y_0 and ω.
 
-    ``ys (q+2, c, b, n)`` and ``kall (c, (q+2)·b, n)`` float64 are workspaces.
+    ``ys (q+2, c, b, n)`` (working dtype) and ``kall (s, (q+2)·b, n)`` (float64) are
+    workspaces: the float64 copies are made and multiplied s examples at a time.
     """
     bsz, b, n = jacobian.batch, start.shape[0], start.shape[1]
     torch.mul(start, jacobian.restrict(torch.ones_like(ys[0, :, :1])), out=ys[0])  # P_b S
@@ -278,9 +282,13 @@ def _krylov_gram(
             omega = torch.where(den > 0, torch.linalg.vector_norm(ys[0, :8]) / den, 1.0)
         g.mul_(omega)
     power = ys[1].sum(0) / omega  # Σ_b G_b Y_0 (b, n)
-    # one batched product (faster than the 9 of 16 blocks needed, one by one)
-    kall.view(bsz, depth + 2, b, n).copy_(ys.transpose(0, 1))
-    torch.bmm(kall[:, : (depth + 1) * b], kall.mT, out=out)
+    # one batched product per sub-chunk (faster than the 9 of 16 blocks needed, one by one)
+    sub = kall.shape[0]
+    for lo in range(0, bsz, sub):
+        c = min(sub, bsz - lo)
+        k64 = kall[:c]
+        k64.view(c, depth + 2, b, n).copy_(ys[:, lo : lo + c].transpose(0, 1))
+        torch.bmm(k64[:, : (depth + 1) * b], k64.mT, out=out[lo : lo + c])
     return power, omega
 
 
@@ -359,8 +367,10 @@ def krylov_ritz(
     zero Ritz values, or not carried by the blocks, get zero coefficients; a last k × k
     Cholesky step makes V's rows orthonormal.
 
-    Memory: the blocks of ``chunk`` examples at a time (Gram, then discarded); the (p + b)²
-    Grams of ``RITZ_GROUP`` examples are kept, and their small problems solved together.
+    Memory: the blocks of ``chunk`` examples at a time in the working dtype (Gram, then
+    discarded), copied to float64 ``GRAM_BYTES`` at a time (a copy that stays in cache);
+    the (p + b)² Grams of at least ``RITZ_GROUP`` examples (a multiple of the chunk) are kept,
+    and their small problems solved together.
     The Ritz vectors are re-formed from S by Horner's rule when needed (:class:`KrylovRitz`),
     so neither the blocks nor V are ever held for the whole batch.
 
@@ -370,8 +380,7 @@ def krylov_ritz(
         start: ``(b, n)`` orthonormal rows S shared by all examples.
         depth: Krylov depth q ≥ 0.
         ritz_power, ritz_iters: the subspace iteration on T (T^ritz_power, ritz_iters times).
-        chunk: examples whose blocks are held at once (``None``: all), at most
-            ``RITZ_GROUP``.
+        chunk: examples whose blocks are held at once (``None``: all).
 
     Returns:
         the :class:`KrylovRitz`; :func:`next_start` turns its ``power`` into the next warm
@@ -379,11 +388,12 @@ def krylov_ritz(
     """
     bsz, n, b = jacobian.batch, jacobian.cols, start.shape[0]
     dtype, device = jacobian.dtype, jacobian.device
-    step = min(chunk or bsz, bsz, RITZ_GROUP)
+    step = min(chunk or bsz, bsz)
     group = step * max(1, -(-RITZ_GROUP // step))  # examples per small solve, chunk multiple
     p = b * (depth + 1)
     ys = torch.empty((depth + 2, step, b, n), dtype=dtype, device=device)
-    kall = torch.empty((step, p + b, n), dtype=torch.float64, device=device)
+    sub = min(step, max(1, GRAM_BYTES // ((p + b) * n * 8)))
+    kall = torch.empty((sub, p + b, n), dtype=torch.float64, device=device)
     grams = torch.empty((min(group, bsz), p, p + b), dtype=torch.float64, device=device)
     coeffs, power, omega = [], None, None
     for first in range(0, bsz, group):
