@@ -60,8 +60,8 @@ DEFAULT_RITZ_ITERS = 2
 #: are held at once): few enough to bound memory, many enough that the small batched
 #: operations are not dominated by their per-call overhead
 RITZ_GROUP = 64
-#: bytes of float64 Krylov vectors copied and multiplied at once (small enough to stay in
-#: cache: 8 examples at width 512 with k = 10, depth 2)
+#: bytes of float64 Krylov vectors copied and multiplied at once on CPU (small enough to stay
+#: in cache: 8 examples at width 512 with k = 10, depth 2)
 GRAM_BYTES = 1280 * 2**10
 
 
@@ -392,7 +392,8 @@ def krylov_ritz(
     group = step * max(1, -(-RITZ_GROUP // step))  # examples per small solve, chunk multiple
     p = b * (depth + 1)
     ys = torch.empty((depth + 2, step, b, n), dtype=dtype, device=device)
-    sub = min(step, max(1, GRAM_BYTES // ((p + b) * n * 8)))
+    # on CPU the float64 copies are made a cache-sized piece at a time; elsewhere at once
+    sub = min(step, max(1, GRAM_BYTES // ((p + b) * n * 8))) if device.type == "cpu" else step
     kall = torch.empty((sub, p + b, n), dtype=torch.float64, device=device)
     grams = torch.empty((min(group, bsz), p, p + b), dtype=torch.float64, device=device)
     coeffs, power, omega = [], None, None
