@@ -61,8 +61,8 @@ def tangent_forward(
         s = F.linear(h, linear.weight, linear.bias)  # (B, d_{i+1})
         jac = None
         if i < last:
-            # M_i; ReLU'(0) = 0 as in autograd (written as floats directly: a bool mask
-            # converted afterwards costs ten times more on CPU)
+            # M_i; ReLU'(0) = 0 as in autograd (written as floats directly, not as a bool
+            # mask converted in a second pass)
             mask = torch.gt(s, 0, out=torch.empty_like(s))
             jac = MaskedLinearJacobian(layers[i + 1].weight, mask)
         site = Site(index=i, x=h, s=s, jacobian=jac)
