@@ -94,12 +94,13 @@ def subspace_fidelity(jacobian_dense: Tensor, basis: Tensor, k: int) -> float:
     """Energy fidelity of a solver's basis: mean_b tr(Vᵀ G_b V) / Σ_{j≤k} λ_j(G_b).
 
     ``basis`` is ``(B, r, n)`` with orthonormal (or zero) rows, G_b = W̃_bᵀ W̃_b; 1.0 = exact.
-    Examples whose top-k eigenvalues are all zero are skipped.
+    Examples whose top-k eigenvalues are all zero are skipped.  Computed in float64 on the
+    CPU, whose LAPACK runs a batch of medium-sized SVDs faster than a GPU's solvers.
     """
-    w = jacobian_dense.double()
+    w = jacobian_dense.to("cpu", torch.float64)
     sv = torch.linalg.svdvals(w)  # (B, min(m, n))
     top = sv[:, :k].square().sum(1)
-    wb = w @ basis.double().mT  # (B, m, r)
+    wb = w @ basis.to("cpu", torch.float64).mT  # (B, m, r)
     captured = wb.square().sum((1, 2))
     alive = top > 0
     return float((captured[alive] / top[alive]).mean())

@@ -80,8 +80,9 @@ class WPerpGuess(Guess):
             the solver's extra memory instead of letting it grow with the batch.  ``None``
             (default) picks the largest chunk whose Krylov blocks, (depth + 2)·block·n
             numbers in the working dtype per example, fit in ``CHUNK_BYTES`` (5 MiB): 64
-            examples at width 512 with k = 10; never more than
-            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64).
+            examples at width 512 with k = 10; on CPU never more than
+            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64).  On a GPU a larger chunk
+            (up to the batch) trades memory for fewer kernel launches.
     """
 
     needs_jacobian = True

@@ -369,8 +369,8 @@ def krylov_ritz(
 
     Memory: the blocks of ``chunk`` examples at a time in the working dtype (Gram, then
     discarded), copied to float64 ``GRAM_BYTES`` at a time (a copy that stays in cache);
-    the (p + b)² Grams of ``RITZ_GROUP`` examples are kept, and their small problems solved
-    together.
+    the (p + b)² Grams of ``RITZ_GROUP`` examples (on CPU; of the whole batch elsewhere) are
+    kept, and their small problems solved together.
     The Ritz vectors are re-formed from S by Horner's rule when needed (:class:`KrylovRitz`),
     so neither the blocks nor V are ever held for the whole batch.
 
@@ -380,7 +380,7 @@ def krylov_ritz(
         start: ``(b, n)`` orthonormal rows S shared by all examples.
         depth: Krylov depth q ≥ 0.
         ritz_power, ritz_iters: the subspace iteration on T (T^ritz_power, ritz_iters times).
-        chunk: examples whose blocks are held at once (``None``: all), at most
+        chunk: examples whose blocks are held at once (``None``: all), on CPU at most
             ``RITZ_GROUP``.
 
     Returns:
@@ -389,8 +389,11 @@ def krylov_ritz(
     """
     bsz, n, b = jacobian.batch, jacobian.cols, start.shape[0]
     dtype, device = jacobian.dtype, jacobian.device
-    step = min(chunk or bsz, bsz, RITZ_GROUP)
-    group = step * max(1, -(-RITZ_GROUP // step))  # examples per small solve, chunk multiple
+    # on CPU, small problems RITZ_GROUP examples at a time (their workspace stays in cache) and
+    # chunks no larger; elsewhere one group for the whole batch (fewer, larger launches)
+    cap = RITZ_GROUP if device.type == "cpu" else bsz
+    step = min(chunk or bsz, bsz, cap)
+    group = step * max(1, -(-cap // step))  # examples per small solve, chunk multiple
     p = b * (depth + 1)
     ys = torch.empty((depth + 2, step, b, n), dtype=dtype, device=device)
     # on CPU the float64 copies are made a cache-sized piece at a time; elsewhere at once
