@@ -94,6 +94,10 @@ def test_newton_schulz_batched_and_dtype(table):
     out = newton_schulz(x, coeffs, 5)
     for b in range(3):
         torch.testing.assert_close(out[b], newton_schulz(x[b : b + 1], coeffs, 5)[0])
+        torch.testing.assert_close(out[b], newton_schulz(x[b], coeffs, 5))  # one matrix
+        torch.testing.assert_close(out[b].mT, newton_schulz(x[b].mT, coeffs, 5))  # tall
+    stacked = newton_schulz(x.view(1, 3, 5, 8), coeffs, 5)  # more batch dimensions
+    torch.testing.assert_close(stacked[0], out)
     out32 = newton_schulz(x.float(), coeffs, 5)
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.double(), out, rtol=0, atol=1e-4)

@@ -188,17 +188,15 @@ def newton_schulz(x: Tensor, coeffs: Coefficients, iterations: int) -> Tensor:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
     a, b, c, d = coeffs
     wide = x.shape[-2] <= x.shape[-1]
-    batched = x.dim() == 3
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])
     for _ in range(iterations):
         gram = x @ x.mT if wide else x.mT @ x  # (B, r, r)
         gram2 = gram @ gram
-        if batched:  # the scalings and sums fused into the products (no full-size temporaries)
-            poly = torch.baddbmm(gram, gram2, gram, beta=b, alpha=d).add_(gram2, alpha=c)
-            x = torch.baddbmm(x, poly, x, beta=a) if wide else torch.baddbmm(x, x, poly, beta=a)
-        else:
-            poly = b * gram + c * gram2 + d * (gram2 @ gram)
-            x = a * x + (poly @ x if wide else x @ poly)
-    return x
+        # b A + c A² + d A³ and a X + poly·X with the scalings and sums fused into the products
+        poly = torch.baddbmm(gram, gram2, gram, beta=b, alpha=d).add_(gram2, alpha=c)
+        x = torch.baddbmm(x, poly, x, beta=a) if wide else torch.baddbmm(x, x, poly, beta=a)
+    return x.reshape(shape)
 
 
 def power_iteration_sigma1(w: Tensor, iters: int = POWER_ITERS) -> Tensor:
