@@ -189,7 +189,7 @@ def newton_schulz(x: Tensor, coeffs: Coefficients, iterations: int) -> Tensor:
     a, b, c, d = coeffs
     wide = x.shape[-2] <= x.shape[-1]
     shape = x.shape
-    x = x.reshape(-1, *shape[-2:])
+    x = x.reshape(math.prod(shape[:-2]), *shape[-2:])  # (B, m, n), B ≥ 0
     for _ in range(iterations):
         gram = x @ x.mT if wide else x.mT @ x  # (B, r, r)
         gram2 = gram @ gram
