@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--widths", default="512,128", help="bench widths")
     p.add_argument("--bench-steps", type=int, default=30)
+    p.add_argument("--methods", default=",".join(BENCH_METHODS), help="bench methods")
     args = p.parse_args()
     t0 = time.perf_counter()
     device = resolve_device(args.device)
@@ -90,7 +91,7 @@ def main() -> None:
     for width in (int(w) for w in args.widths.split(",")):
         try:
             recs = bench_methods(
-                BENCH_METHODS,
+                args.methods.split(","),
                 width=width,
                 depth=3,
                 batch_size=512,
