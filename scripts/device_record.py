@@ -71,11 +71,11 @@ def pack(store: Path, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="auto, cpu, cuda or mps")
     p.add_argument("--budget", type=float, default=540.0, help="seconds for the whole script")
-    p.add_argument("--store", type=Path, default=Path("results-gpu"))
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--store", type=Path, default=Path("results-gpu"), help="run store")
+    p.add_argument("--out", type=Path, required=True, help="bench files, packed store")
+    p.add_argument("--epochs", type=int, default=300, help="epochs per training run")
     p.add_argument("--widths", default="512,128", help="bench widths")
     p.add_argument("--bench-steps", type=int, default=30)
     p.add_argument("--methods", default=",".join(BENCH_METHODS), help="bench methods")
