@@ -43,7 +43,7 @@ BENCH_METHODS = [
     "w-perp:chunk=512",
     "w-perp-ns",
 ]
-#: order of the runs: (method name, width, seed); solver "svd" runs come last
+#: order of the runs: (method name, width, seed); the exact-SVD W̃⊥ runs are left out
 PRIORITY = [
     ("w-transpose", 512, 0),
     ("w-perp", 512, 0),

@@ -81,8 +81,8 @@ class WPerpGuess(Guess):
             (default) picks the largest chunk whose Krylov blocks, (depth + 2)·block·n
             numbers in the working dtype per example, fit in ``CHUNK_BYTES`` (5 MiB): 64
             examples at width 512 with k = 10; on CPU never more than
-            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64).  On a GPU a larger chunk
-            (up to the batch) trades memory for fewer kernel launches.
+            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64).  Elsewhere the chunk may be as
+            large as the batch (more memory, fewer kernel launches; not measured yet).
     """
 
     needs_jacobian = True
