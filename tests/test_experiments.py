@@ -245,6 +245,19 @@ def test_report_renders_stored_runs_without_training(tmp_path: Path, monkeypatch
     assert (tmp_path / "table3" / "fig2.png").stat().st_size > 0
 
 
+def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
+    """Train and test cells share a run: it is counted once, under its version and commit."""
+    exp = EXPERIMENTS["table4"].restrict((128,))
+    cells = [c for c in exp.cells if c.row.startswith("W̃ᵀ")]
+    assert {c.quantity for c in cells} >= {"train_accuracy", "test_accuracy"}
+    code = {0: ("a" * 40, False), 1: ("a" * 40, False), 2: ("b" * 40, True)}
+    for seed, (commit, modified) in code.items():
+        values = {"version": "9.9", "git_commit": commit, "git_modified": modified}
+        _store_final(tmp_path, cells[0], seed, 300, train_accuracy=0.3, **values)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2], epochs=300)
+    assert "9.9 aaaaaaa: 2; 9.9 bbbbbbb + modified files: 1." in markdown
+
+
 def test_report_of_statistics_compares_by_ratio(tmp_path: Path) -> None:
     exp = EXPERIMENTS["table2"].with_preset(EXPERIMENTS["table2"].quick)
     cell = next(c for c in exp.cells if c.row == "W̃ᵀ" and c.quantity == "bias")

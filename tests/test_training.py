@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from guessgrad.data import MNIST1D
-from guessgrad.training import TrainConfig, atomic_write_json, initial_model, train
+from guessgrad.training import (
+    TrainConfig,
+    atomic_write_json,
+    git_revision,
+    initial_model,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +73,7 @@ def test_files_and_formats(data: MNIST1D, tmp_path: Path) -> None:
     final = train(_config(), out_dir=tmp_path, data=data)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["config"] == _config().to_dict()
-    assert {"version", "git_commit", "device", "estimator", "hardware"} <= set(cfg)
+    assert {"version", "git_commit", "git_modified", "device", "estimator", "hardware"} <= set(cfg)
     lines = _metrics(tmp_path / "metrics.jsonl")
     assert [line["epoch"] for line in lines] == [1, 2, 3]
     assert set(lines[0]) == {
@@ -122,6 +130,34 @@ def test_finished_run_is_not_trained_again(data: MNIST1D, tmp_path: Path) -> Non
     second = train(_config(), out_dir=tmp_path, data=data, on_epoch=calls.append)
     assert calls == [] and second == json.loads(json.dumps(first))
     assert (tmp_path / "final.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_revision_only_from_a_checkout_that_tracks_the_package(tmp_path: Path) -> None:
+    """A copy of the package inside some other repository reports no commit; a tracked one
+    reports its commit, and whether its files differ from it."""
+
+    def git(*args: str) -> str:
+        cmd = ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args]
+        return subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "README").write_text("x\n")
+    git("add", "README")
+    git("commit", "-q", "-m", "init")
+    package = tmp_path / "site-packages" / "guessgrad"
+    package.mkdir(parents=True)
+    (package / "training.py").write_text("# installed copy\n")
+    assert git_revision(package) == (None, None)  # untracked: not this package's checkout
+    git("add", ".")
+    git("commit", "-q", "-m", "package")
+    head = git("rev-parse", "HEAD").strip()
+    assert git_revision(package) == (head, False)
+    (package / "training.py").write_text("# edited\n")
+    assert git_revision(package) == (head, True)
+    (tmp_path / "README").write_text("outside the package\n")
+    (package / "training.py").write_text("# installed copy\n")
+    assert git_revision(package) == (head, False)  # only the package's own files count
 
 
 def test_atomic_write_json_never_leaves_a_partial_file(tmp_path: Path) -> None:

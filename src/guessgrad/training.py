@@ -2,8 +2,9 @@
 
 Every run is described by a :class:`TrainConfig`; :func:`train` writes
 
-- ``config.json``: every option, the package version, the git commit (if any), the device
-  and the hardware (:func:`hardware`);
+- ``config.json``: every option, the package version, the git commit and whether the
+  package's files differed from it (:func:`git_revision`; null outside a checkout), the
+  device and the hardware (:func:`hardware`);
 - ``metrics.jsonl``: one line per epoch (``epoch``, ``train_loss``, ``train_accuracy``,
   ``test_accuracy``, ``wall_seconds``);
 - ``checkpoint.pt``: model, optimizer, estimator state and RNG states after the last
@@ -159,15 +160,32 @@ def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
     return info
 
 
-def _git_commit() -> str | None:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
+def git_revision(where: Path | None = None) -> tuple[str | None, bool | None]:
+    """(commit, modified) of the git checkout this package's code comes from, or (None, None).
+
+    Only a checkout that tracks this module counts: an installed copy that merely sits inside
+    some other repository (a virtual environment in a project's tree) reports nothing, not
+    that repository's commit.  ``modified`` says whether the package's tracked files differ
+    from the commit.  ``where`` (a folder holding this module) is for tests.
+    """
+    here = where if where is not None else Path(__file__).resolve().parent
+    name = Path(__file__).name
+
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=here, capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    tracked = git("ls-files", "--error-unmatch", "--", name)
+    head = git("rev-parse", "HEAD")
+    if tracked is None or tracked.returncode != 0 or head is None or head.returncode != 0:
+        return None, None
+    diff = git("diff", "--quiet", "HEAD", "--", ".")
+    modified = None if diff is None or diff.returncode not in (0, 1) else diff.returncode == 1
+    return head.stdout.strip() or None, modified
 
 
 def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
@@ -223,10 +241,12 @@ def train(
     order_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
     guess_gen = torch.Generator(device=device).manual_seed(config.seed + 2_000_003)
 
+    commit, modified = git_revision()
     record = {
         "config": config.to_dict(),
         "version": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": commit,
+        "git_modified": modified,
         "device": str(device),
         "torch": torch.__version__,
         "estimator": repr(estimator),

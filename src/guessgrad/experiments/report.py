@@ -199,17 +199,23 @@ def _table(results: Sequence[CellResult], row_header: str) -> list[str]:
 def _run_notes(
     experiment: Experiment, store: RunStore, seeds: Sequence[int], epochs: int
 ) -> list[str]:
-    """The estimators and hardware the stored runs actually used."""
+    """The estimators, hardware and code (version, commit) the stored runs actually used."""
     estimators: dict[str, str] = {}
     hardware: dict[str, None] = {}
+    code: dict[str, int] = {}
+    seen: set[str] = set()
     for cell in experiment.cells:
         if not cell.needs_training:
             continue
         for seed in seeds:
-            final = store.read(cell.run.config(width=cell.width, seed=seed, epochs=epochs))
-            if final is None:
+            config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+            final = store.read(config)
+            if final is None or config.slug() in seen:
                 continue
+            seen.add(config.slug())
             estimators.setdefault(cell.run.label, final.get("estimator", "?"))
+            source = _code_label(final)
+            code[source] = code.get(source, 0) + 1
             hw = final.get("hardware") or {}
             if hw:
                 desc = f"{hw.get('cpu', '?')}, {hw.get('torch_threads', '?')} torch thread(s)"
@@ -228,7 +234,21 @@ def _run_notes(
         )
     if hardware:
         notes.append("Hardware of the stored runs: " + "; ".join(hardware) + ".")
+    if code:
+        notes.append(
+            "Code of the stored runs (guessgrad version, git commit: runs): "
+            + "; ".join(f"{label}: {n}" for label, n in code.items())
+            + "."
+        )
     return notes
+
+
+def _code_label(final: dict[str, Any]) -> str:
+    """``0.1.0 1ce2447`` (``+ modified files`` where the package differed from the commit;
+    ``no commit`` outside a checkout)."""
+    commit = final.get("git_commit")
+    label = f"{final.get('version', '?')} " + (commit[:7] if commit else "no commit")
+    return label + (" + modified files" if final.get("git_modified") else "")
 
 
 def render_markdown(
