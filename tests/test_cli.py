@@ -38,6 +38,7 @@ def test_train_writes_the_run_files(tmp_path: Path, capsys) -> None:
     final = json.loads((tmp_path / "run" / "final.json").read_text())
     assert {"train_accuracy", "test_accuracy", "wall_seconds", "steps", "config"} <= set(final)
     assert final["steps"] == 2 * 8  # 4000 examples in batches of 512
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_train_twice_gives_identical_accuracies(tmp_path: Path) -> None:

@@ -258,6 +258,25 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     assert "9.9 aaaaaaa: 2; 9.9 bbbbbbb + modified files: 1." in markdown
 
 
+def test_report_draws_learning_curves_of_finished_runs(tmp_path: Path) -> None:
+    exp = EXPERIMENTS["table3"].restrict((64,))
+    wt = next(c for c in exp.cells if c.col == "W̃ᵀ" and c.section == "")
+    for seed in (0, 1):
+        _store_final(tmp_path, wt, seed, 2, train_accuracy=0.3, test_accuracy=0.2)
+        config = wt.run.config(width=64, seed=seed, epochs=2)
+        lines = [
+            {"epoch": e, "train_loss": 2.0, "train_accuracy": 0.3, "test_accuracy": 0.2}
+            for e in (1, 2)
+        ]
+        metrics = RunStore(tmp_path).run_dir(config) / "metrics.jsonl"
+        metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=2)
+    assert "![table3](curves.png)" in markdown
+    assert (tmp_path / "table3" / "curves.png").stat().st_size > 0
+    # runs without per-epoch records (or not finished) draw no curves
+    assert "curves.png" not in report(exp, tmp_path, tmp_path / "b", seeds=[5], epochs=2)
+
+
 def test_report_of_statistics_compares_by_ratio(tmp_path: Path) -> None:
     exp = EXPERIMENTS["table2"].with_preset(EXPERIMENTS["table2"].quick)
     cell = next(c for c in exp.cells if c.row == "W̃ᵀ" and c.quantity == "bias")

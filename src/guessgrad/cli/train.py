@@ -1,6 +1,7 @@
 """``guessgrad train``: one training run with the PAPER.md §4 defaults.
 
-Writes ``config.json``, ``metrics.jsonl`` and, at the end, ``final.json`` into ``--out``
+Writes ``config.json``, ``metrics.jsonl`` and, at the end, ``final.json`` and the learning
+curves ``curves.png`` into ``--out``
 (default ``results/runs/<slug>``, the run store of ``guessgrad reproduce``, so a run trained
 here is reused by the experiments and a finished run is not trained again).
 """
@@ -11,6 +12,7 @@ import argparse
 import math
 from pathlib import Path
 
+from ..curves import draw_curves, read_metrics
 from ..data import mnist1d
 from ..training import TrainConfig, train
 from .common import (
@@ -113,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
+    title = f"{config.method}, width {config.width}, depth {config.depth}, seed {config.seed}"
+    draw_curves([(config.slug(), {config.method: [read_metrics(out)]})], out / "curves.png", title)
     if not args.quiet:
         if already:
             print(f"{out} holds a finished run: not trained again (remove it, or pass --out).")

@@ -4,7 +4,8 @@ For each cell: the value of every seed's run, their mean and sample standard dev
 paper's number and the comparison, ``ours − paper`` for accuracies, overlaps and ranks, and
 ``ours ÷ paper`` for quantities that span orders of magnitude (variance, bias, wall time).
 
-Writes ``OUT/<experiment>/table.md``, ``OUT/<experiment>/summary.json`` and the figures.
+Writes ``OUT/<experiment>/table.md``, ``OUT/<experiment>/summary.json``, the figures and the
+learning curves of the finished runs (``curves.png``, :mod:`guessgrad.curves`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..curves import draw_curves, read_metrics
 from ..training import atomic_write_json
 from .runner import RunStore
 from .spec import Cell, Experiment, Method, OverlapFigure, WidthFigure
@@ -437,7 +439,44 @@ def draw_figures(
             ok = _draw_overlap(spec, store, seeds, epochs, path, subtitle)
         if ok:
             drawn.append(spec.file)
+    if _draw_learning_curves(experiment, store, seeds, epochs, out_dir / CURVES_FILE, subtitle):
+        drawn.append(CURVES_FILE)
     return drawn
+
+
+#: the learning curves every experiment with trained runs gets, beside its own figures
+CURVES_FILE = "curves.png"
+
+
+def _draw_learning_curves(
+    experiment: Experiment,
+    store: RunStore,
+    seeds: Sequence[int],
+    epochs: int,
+    path: Path,
+    subtitle: str,
+) -> bool:
+    """Accuracy and loss per epoch of the experiment's finished runs: one panel per width,
+    one curve per method (:func:`guessgrad.curves.draw_curves`)."""
+    panels: dict[int, dict[str, list[list[dict[str, Any]]]]] = {}
+    for cell in experiment.cells:
+        if not cell.needs_training:
+            continue
+        curves = panels.setdefault(cell.width, {})
+        label = _mathtext(cell.run.label)
+        if label in curves:
+            continue
+        runs = []
+        for seed in seeds:
+            config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+            if store.read(config) is not None:  # finished runs only, as in the tables
+                runs.append(read_metrics(store.run_dir(config)))
+        curves[label] = runs
+    return draw_curves(
+        [(f"width {w}", panels[w]) for w in sorted(panels)],
+        path,
+        f"{experiment.title}: learning curves, {subtitle}",
+    )
 
 
 def report(

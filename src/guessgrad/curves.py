@@ -1,0 +1,98 @@
+"""Learning curves: accuracy and loss per epoch, read from runs' ``metrics.jsonl``.
+
+A figure is a grid with one column per panel (for an experiment: one hidden width) and two
+rows: train (solid) and test (dashed) accuracy after each epoch on top, the epoch's mean train
+loss below (the legend, one entry per method, sits in the last loss panel).
+Each curve is one method, the mean over its seeds with a band of ± one sample standard
+deviation where there are several; seeds whose runs stopped at different epochs are drawn up
+to the last epoch they all reached.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["read_metrics", "draw_curves"]
+
+#: one run's per-epoch records, as written to ``metrics.jsonl``
+Records = Sequence[Mapping[str, Any]]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run (``[]`` if it has none); a line cut short by an
+    interrupted write, and everything after it, is left out."""
+    records = []
+    try:
+        with open(Path(run_dir) / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    break
+    except OSError:
+        return []
+    return records
+
+
+def _mean_band(runs: Sequence[Records], key: str) -> tuple[list[int], list[float], list[float]]:
+    """Epochs, seed mean and seed std (0 for one seed) of ``key`` over the common epochs."""
+    length = min(len(r) for r in runs)
+    epochs = [int(rec["epoch"]) for rec in runs[0][:length]]
+    columns = [[float(r[i][key]) for r in runs] for i in range(length)]
+    means = [statistics.fmean(c) for c in columns]
+    stds = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
+    return epochs, means, stds
+
+
+def draw_curves(
+    panels: Sequence[tuple[str, Mapping[str, Sequence[Records]]]],
+    path: str | Path,
+    title: str,
+) -> bool:
+    """Draw ``panels`` — ``(panel title, {curve label: [one run's records per seed]})`` — into
+    ``path`` (PNG).  Returns ``False``, drawing nothing, when no panel has a run with records.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    panels = [
+        (name, {label: [r for r in runs if r] for label, runs in curves.items()})
+        for name, curves in panels
+    ]
+    panels = [(name, {k: v for k, v in curves.items() if v}) for name, curves in panels]
+    panels = [(name, curves) for name, curves in panels if curves]
+    if not panels:
+        return False
+    fig = Figure(figsize=(max(6.0, 4.2 * len(panels)), 6.4))
+    axes = fig.subplots(2, len(panels), squeeze=False, sharex="col")
+    for col, (name, curves) in enumerate(panels):
+        top, bottom = axes[0, col], axes[1, col]
+        for i, (label, runs) in enumerate(curves.items()):
+            color = f"C{i % 10}"
+            for ax, key, style in (
+                (top, "train_accuracy", "-"),
+                (top, "test_accuracy", "--"),
+                (bottom, "train_loss", "-"),
+            ):
+                epochs, mean, std = _mean_band(runs, key)
+                ax.plot(epochs, mean, color=color, linestyle=style, linewidth=1.2, label=label)
+                if len(runs) > 1:
+                    lo = [m - s for m, s in zip(mean, std)]
+                    hi = [m + s for m, s in zip(mean, std)]
+                    ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
+        top.set_title(name, fontsize=10)
+        top.set_ylabel("accuracy (train —, test - -)")
+        top.grid(alpha=0.3)
+        bottom.set_ylabel("train loss")
+        bottom.set_xlabel("epoch")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+        bottom.grid(alpha=0.3)
+    axes[1, -1].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True

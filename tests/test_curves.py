@@ -1,0 +1,51 @@
+"""Learning curves: per-epoch records read back, seed means and bands, figures drawn."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from guessgrad.curves import _mean_band, draw_curves, read_metrics
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _records(accuracies: list[float]) -> list[dict]:
+    return [
+        {"epoch": e, "train_loss": 2.0 - a, "train_accuracy": a, "test_accuracy": a - 0.05}
+        for e, a in enumerate(accuracies, start=1)
+    ]
+
+
+def test_read_metrics_stops_at_a_line_cut_short(tmp_path: Path) -> None:
+    lines = [json.dumps(r) for r in _records([0.1, 0.2, 0.3])]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])
+    assert read_metrics(tmp_path) == _records([0.1, 0.2])
+    assert read_metrics(tmp_path / "absent") == []
+
+
+def test_seed_mean_and_band_over_the_epochs_all_seeds_reached() -> None:
+    runs = [_records([0.1, 0.3, 0.5]), _records([0.2, 0.4]), _records([0.3, 0.2, 0.9])]
+    epochs, mean, std = _mean_band(runs, "train_accuracy")
+    assert epochs == [1, 2]
+    assert mean == pytest.approx([0.2, 0.3])
+    assert std == pytest.approx(
+        [statistics.stdev([0.1, 0.2, 0.3]), statistics.stdev([0.3, 0.4, 0.2])]
+    )
+    assert _mean_band(runs[:1], "test_accuracy")[1:] == ([0.05, 0.25, 0.45], [0.0, 0.0, 0.0])
+
+
+def test_draw_curves_writes_a_png_and_skips_panels_without_records(tmp_path: Path) -> None:
+    panels = [
+        ("width 8", {"a": [_records([0.1, 0.2]), _records([0.2, 0.3])], "b": [[]]}),
+        ("width 16", {"a": [[]]}),
+    ]
+    assert draw_curves(panels, tmp_path / "curves.png", "title")
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == PNG
+    assert int.from_bytes(png[16:20], "big") == 720  # one panel: 6 inches at 120 dpi
+    assert not draw_curves([("width 16", {"a": [[]]})], tmp_path / "none.png", "title")
+    assert not (tmp_path / "none.png").exists()
