@@ -277,6 +277,20 @@ def test_report_draws_learning_curves_of_finished_runs(tmp_path: Path) -> None:
     assert "curves.png" not in report(exp, tmp_path, tmp_path / "b", seeds=[5], epochs=2)
 
 
+def test_report_draws_accuracy_against_time_per_width(tmp_path: Path) -> None:
+    """Table 4's figure: one panel per width that has a run with both quantities."""
+    exp = EXPERIMENTS["table4"]
+    assert [f.file for f in exp.figures] == ["time_accuracy.png"]
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=300)
+    assert "time_accuracy.png" not in markdown  # nothing stored: no figure
+    wt = next(c for c in exp.cells if c.width == 128 and c.row.startswith("W̃ᵀ"))
+    _store_final(tmp_path, wt, 0, 300, wall_seconds=20.0, train_accuracy=0.3, test_accuracy=0.2)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=300)
+    assert "![table4](time_accuracy.png)" in markdown
+    png = (tmp_path / "table4" / "time_accuracy.png").read_bytes()
+    assert int.from_bytes(png[16:20], "big") == 825  # one panel (width 128): 5.5 in at 150 dpi
+
+
 def test_report_of_statistics_compares_by_ratio(tmp_path: Path) -> None:
     exp = EXPERIMENTS["table2"].with_preset(EXPERIMENTS["table2"].quick)
     cell = next(c for c in exp.cells if c.row == "W̃ᵀ" and c.quantity == "bias")

@@ -9,7 +9,17 @@ tables and figures from the store.
 from .paper import EXPERIMENTS
 from .report import collect, report
 from .runner import Outcome, RunStore, Task, plan, run_tasks, unavailable_methods
-from .spec import Cell, Experiment, Method, OverlapFigure, Preset, Probe, WidthFigure, method
+from .spec import (
+    Cell,
+    Experiment,
+    Method,
+    OverlapFigure,
+    Preset,
+    Probe,
+    TradeoffFigure,
+    WidthFigure,
+    method,
+)
 
 __all__ = [
     "EXPERIMENTS",
@@ -22,6 +32,7 @@ __all__ = [
     "Probe",
     "RunStore",
     "Task",
+    "TradeoffFigure",
     "WidthFigure",
     "collect",
     "method",

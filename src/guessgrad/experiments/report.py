@@ -21,7 +21,7 @@ from .. import __version__
 from ..curves import draw_curves, read_metrics
 from ..training import atomic_write_json
 from .runner import RunStore
-from .spec import Cell, Experiment, Method, OverlapFigure, WidthFigure
+from .spec import Cell, Experiment, Method, OverlapFigure, TradeoffFigure, WidthFigure
 
 __all__ = ["CellResult", "collect", "render_markdown", "summarize", "draw_figures", "report"]
 
@@ -356,6 +356,59 @@ def _draw_widths(
     return True
 
 
+def _draw_tradeoff(
+    fig_spec: TradeoffFigure, results: Sequence[CellResult], path: Path, subtitle: str
+) -> bool:
+    from matplotlib.figure import Figure
+
+    main = [r for r in results if r.cell.section == ""]
+    # per width, per row: the (x, y) cells; one colour per method across panels
+    panels: dict[int, dict[str, dict[str, CellResult]]] = {}
+    for r in main:
+        if r.cell.quantity in (fig_spec.x, fig_spec.y):
+            panels.setdefault(r.cell.width, {}).setdefault(r.cell.row, {})[r.cell.quantity] = r
+    pairs = {
+        w: [(row[fig_spec.x], row[fig_spec.y]) for row in rows.values() if len(row) == 2]
+        for w, rows in panels.items()
+    }
+    # a panel for every width with at least one run of ours
+    widths = sorted(
+        w for w, p in pairs.items() if any(x.mean is not None and y.mean is not None for x, y in p)
+    )
+    if not widths:
+        return False
+    colors = {label: f"C{i}" for i, label in enumerate(_ordered([r.cell.run.label for r in main]))}
+    fig = Figure(figsize=(max(5.5, 4.8 * len(widths)), 4.4))
+    axes = fig.subplots(1, len(widths), squeeze=False)[0]
+    for ax, width in zip(axes, widths):
+        for x, y in pairs[width]:
+            color = colors[x.cell.run.label]
+            if x.mean is not None and y.mean is not None:
+                ax.errorbar(
+                    [x.mean], [y.mean], xerr=[x.std or 0.0], yerr=[y.std or 0.0], color=color,
+                    marker="o", capsize=3, linestyle="none",
+                )  # fmt: skip
+            if x.cell.paper is not None and y.cell.paper is not None:
+                ax.plot([x.cell.paper], [y.cell.paper], color=color, marker="o", mfc="none")
+        ax.set_xscale("log")
+        ax.set_xlabel(fig_spec.xlabel)
+        ax.set_ylabel(fig_spec.ylabel)
+        ax.set_title(f"width {width}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    # one legend for all panels: every method (ours filled, mean ± std), then the paper's
+    handles = [
+        axes[0].plot([], [], color=c, marker="o", linestyle="none", label=_mathtext(label))[0]
+        for label, c in colors.items()
+    ]
+    handles += axes[0].plot([], [], color="gray", marker="o", mfc="none", linestyle="none",
+                            label="paper")  # fmt: skip
+    axes[0].legend(handles=handles, fontsize=7)
+    fig.suptitle(f"{_mathtext(fig_spec.title)}, {subtitle}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    return True
+
+
 def _draw_overlap(
     fig_spec: OverlapFigure,
     store: RunStore,
@@ -435,6 +488,8 @@ def draw_figures(
         path = out_dir / spec.file
         if isinstance(spec, WidthFigure):
             ok = _draw_widths(spec, results, path, subtitle)
+        elif isinstance(spec, TradeoffFigure):
+            ok = _draw_tradeoff(spec, results, path, subtitle)
         else:
             ok = _draw_overlap(spec, store, seeds, epochs, path, subtitle)
         if ok:

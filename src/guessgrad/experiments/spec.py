@@ -29,6 +29,7 @@ __all__ = [
     "Preset",
     "WidthFigure",
     "OverlapFigure",
+    "TradeoffFigure",
     "Experiment",
 ]
 
@@ -158,6 +159,27 @@ class OverlapFigure:
 
 
 @dataclass(frozen=True)
+class TradeoffFigure:
+    """Table 4 as a picture: ``y`` against ``x`` (log scale), one point per row of the main
+    table, one panel per width.
+
+    Drawn from the experiment's cells of those two quantities (a row needs both), mean ± std
+    over seeds, with the published values (``cell.paper``) as hollow markers beside.
+    """
+
+    file: str
+    title: str
+    x: str = "wall_seconds"
+    y: str = "train_accuracy"
+    xlabel: str = "training time (s)"
+    ylabel: str = "train accuracy"
+
+
+#: the figures an experiment can draw
+Figure = WidthFigure | OverlapFigure | TradeoffFigure
+
+
+@dataclass(frozen=True)
 class Preset:
     """A cheaper version of an experiment; ``None`` fields keep the experiment's value.
 
@@ -203,7 +225,7 @@ class Experiment:
     title: str
     cells: tuple[Cell, ...]
     row_header: str = ""
-    figures: tuple[WidthFigure | OverlapFigure, ...] = ()
+    figures: tuple[Figure, ...] = ()
     notes: tuple[str, ...] = ()
     seeds: int = 3
     epochs: int = 300
@@ -213,9 +235,9 @@ class Experiment:
         """The experiment with ``preset`` applied (cells and figures filtered)."""
         if preset is None:
             return self
-        figures: list[WidthFigure | OverlapFigure] = []
+        figures: list[Figure] = []
         for fig in self.figures:
-            if isinstance(fig, OverlapFigure):  # a WidthFigure follows its cells
+            if isinstance(fig, OverlapFigure):  # the other figures follow their cells
                 widths = tuple(w for w in fig.widths if preset.widths is None or w in preset.widths)
                 when = tuple(w for w in fig.when if preset.when is None or w in preset.when)
                 if widths and when:
