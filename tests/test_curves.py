@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from guessgrad.curves import _mean_band, draw_curves, read_metrics
+from guessgrad.curves import _mean_band, curves_figure, draw_curves, read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,3 +49,16 @@ def test_draw_curves_writes_a_png_and_skips_panels_without_records(tmp_path: Pat
     assert int.from_bytes(png[16:20], "big") == 720  # one panel: 6 inches at 120 dpi
     assert not draw_curves([("width 16", {"a": [[]]})], tmp_path / "none.png", "title")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_method_keeps_its_colour_in_every_panel() -> None:
+    runs = [_records([0.1, 0.2])]
+    fig = curves_figure([("w 8", {"a": runs, "b": runs}), ("w 16", {"b": runs})], "title")
+    assert fig is not None
+    top_8, top_16 = fig.axes[0], fig.axes[1]  # the accuracy panels, in order
+    # each label draws train and test accuracy: "b" is the 3rd and 4th line at width 8
+    assert [ln.get_color() for ln in top_8.lines] == ["C0", "C0", "C1", "C1"]
+    assert [ln.get_color() for ln in top_16.lines] == ["C1", "C1"]
+    legend = fig.axes[-1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b"]
+    assert curves_figure([("w 8", {"a": [[]]})], "title") is None

@@ -14,9 +14,12 @@ import json
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["read_metrics", "draw_curves"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = ["read_metrics", "draw_curves", "curves_figure"]
 
 #: one run's per-epoch records, as written to ``metrics.jsonl``
 Records = Sequence[Mapping[str, Any]]
@@ -56,30 +59,44 @@ def draw_curves(
     """Draw ``panels`` — ``(panel title, {curve label: [one run's records per seed]})`` — into
     ``path`` (PNG).  Returns ``False``, drawing nothing, when no panel has a run with records.
     """
+    fig = curves_figure(panels, title)
+    if fig is None:
+        return False
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def curves_figure(
+    panels: Sequence[tuple[str, Mapping[str, Sequence[Records]]]], title: str
+) -> Figure | None:
+    """The figure :func:`draw_curves` saves (``None`` without records); a label keeps its
+    colour in every panel."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    panels = [
-        (name, {label: [r for r in runs if r] for label, runs in curves.items()})
-        for name, curves in panels
-    ]
-    panels = [(name, {k: v for k, v in curves.items() if v}) for name, curves in panels]
-    panels = [(name, curves) for name, curves in panels if curves]
-    if not panels:
-        return False
-    fig = Figure(figsize=(max(6.0, 4.2 * len(panels)), 6.4))
-    axes = fig.subplots(2, len(panels), squeeze=False, sharex="col")
-    for col, (name, curves) in enumerate(panels):
+    kept = []
+    for name, curves in panels:
+        runs_of = {label: [r for r in runs if r] for label, runs in curves.items()}
+        runs_of = {label: runs for label, runs in runs_of.items() if runs}
+        if runs_of:
+            kept.append((name, runs_of))
+    if not kept:
+        return None
+    labels = list(dict.fromkeys(label for _, curves in kept for label in curves))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    fig = Figure(figsize=(max(6.0, 4.2 * len(kept)), 6.4))
+    axes = fig.subplots(2, len(kept), squeeze=False, sharex="col")
+    for col, (name, curves) in enumerate(kept):
         top, bottom = axes[0, col], axes[1, col]
-        for i, (label, runs) in enumerate(curves.items()):
-            color = f"C{i % 10}"
+        for label, runs in curves.items():
+            color = colors[label]
             for ax, key, style in (
                 (top, "train_accuracy", "-"),
                 (top, "test_accuracy", "--"),
                 (bottom, "train_loss", "-"),
             ):
                 epochs, mean, std = _mean_band(runs, key)
-                ax.plot(epochs, mean, color=color, linestyle=style, linewidth=1.2, label=label)
+                ax.plot(epochs, mean, color=color, linestyle=style, linewidth=1.2)
                 if len(runs) > 1:
                     lo = [m - s for m, s in zip(mean, std)]
                     hi = [m + s for m, s in zip(mean, std)]
@@ -91,8 +108,9 @@ def draw_curves(
         bottom.set_xlabel("epoch")
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
         bottom.grid(alpha=0.3)
-    axes[1, -1].legend(fontsize=7, loc="best")
+    last = axes[1, -1]
+    handles = [last.plot([], [], color=c, label=label)[0] for label, c in colors.items()]
+    last.legend(handles=handles, fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+    return fig
