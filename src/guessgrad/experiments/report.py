@@ -330,7 +330,7 @@ def _draw_widths(
     handles = []
     for i, col in enumerate(_ordered([r.cell.col for r in cells])):
         curve = sorted((r for r in cells if r.cell.col == col), key=lambda r: r.cell.width)
-        color = f"C{i}"
+        color = f"C{i % 10}"
         pts = [(r.cell.width, r.mean, r.std or 0.0) for r in curve if r.mean is not None]
         if pts:
             x, y, e = zip(*pts)
@@ -377,17 +377,18 @@ def _draw_tradeoff(
     )
     if not widths:
         return False
-    colors = {label: f"C{i}" for i, label in enumerate(_ordered([r.cell.run.label for r in main]))}
+    labels = _ordered([r.cell.run.label for r in main])
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     fig = Figure(figsize=(max(5.5, 4.8 * len(widths)), 4.4))
     axes = fig.subplots(1, len(widths), squeeze=False)[0]
     for ax, width in zip(axes, widths):
         for x, y in pairs[width]:
             color = colors[x.cell.run.label]
             if x.mean is not None and y.mean is not None:
+                err = {"xerr": [x.std or 0.0], "yerr": [y.std or 0.0]}
                 ax.errorbar(
-                    [x.mean], [y.mean], xerr=[x.std or 0.0], yerr=[y.std or 0.0], color=color,
-                    marker="o", capsize=3, linestyle="none",
-                )  # fmt: skip
+                    [x.mean], [y.mean], **err, color=color, marker="o", capsize=3, ls="none"
+                )
             if x.cell.paper is not None and y.cell.paper is not None:
                 ax.plot([x.cell.paper], [y.cell.paper], color=color, marker="o", mfc="none")
         ax.set_xscale("log")
@@ -400,8 +401,8 @@ def _draw_tradeoff(
         axes[0].plot([], [], color=c, marker="o", linestyle="none", label=_mathtext(label))[0]
         for label, c in colors.items()
     ]
-    handles += axes[0].plot([], [], color="gray", marker="o", mfc="none", linestyle="none",
-                            label="paper")  # fmt: skip
+    paper = {"color": "gray", "marker": "o", "mfc": "none", "linestyle": "none"}
+    handles += axes[0].plot([], [], **paper, label="paper")
     axes[0].legend(handles=handles, fontsize=7)
     fig.suptitle(f"{_mathtext(fig_spec.title)}, {subtitle}", fontsize=10)
     fig.tight_layout()
