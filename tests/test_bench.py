@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from guessgrad.bench import bench_methods, markdown, parse_method
+from guessgrad import MLP, make_estimator
+from guessgrad.bench import bench_methods, layer_fidelities, markdown, parse_method
 from guessgrad.cli import main as cli_main
 
 SETTINGS = dict(width=16, depth=2, batch_size=32, steps=2, warmup=1, device=torch.device("cpu"))
@@ -73,3 +74,25 @@ def test_bench_cli_json(capsys):
         "peak_memory_bytes",
         "fidelity",
     }
+
+
+def test_layer_fidelities_per_hidden_layer_and_state_untouched():
+    """The exact SVD has fidelity 1 on every layer solved by a basis; closed-form layers (next
+    layer with at most k rows) are left out; the estimator's warm start is not moved."""
+    torch.manual_seed(0)
+    model = MLP([6, 16, 16, 12, 3])  # layers 0, 1: W̃ with 16 and 12 rows; layer 2: 3 rows
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    exact = layer_fidelities(make_estimator("w-perp", k=4, solver="svd"), model, x, y)
+    assert exact is not None and set(exact) == {0, 1}
+    assert all(v == pytest.approx(1.0, abs=1e-6) for v in exact.values())
+    fast = make_estimator("w-perp", k=4)
+    fast.estimate(model, x, y, generator=torch.Generator().manual_seed(0))
+    before = {i: {k: v.clone() for k, v in s.items()} for i, s in fast.state.items()}
+    values = layer_fidelities(fast, model, x, y)
+    assert values is not None and set(values) == {0, 1}
+    assert all(0.5 < v <= 1.0 + 1e-6 for v in values.values())
+    assert fast.state.keys() == before.keys()
+    for i, s in before.items():
+        for key, v in s.items():
+            assert torch.equal(fast.state[i][key], v)
+    assert layer_fidelities(make_estimator("w-transpose"), model, x, y) is None

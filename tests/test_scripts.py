@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from guessgrad.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,3 +29,26 @@ def test_device_record_benches_and_respects_its_budget(tmp_path):
     assert "| w-perp:chunk=512 | subspace |" in (out / "bench.md").read_text()
     assert "skip w-perp-ns-w512-d3-e300-s0" in proc.stdout
     assert not (store / "runs").exists() and not (out / "store.tar.gz").exists()
+
+
+def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", "--method", "w-perp", "--width", "16", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--device", "cpu", "--out", str(run)]) == 0
+    cmd = [sys.executable, str(ROOT / "scripts" / "solver_agreement.py"), str(run)]
+    proc = subprocess.run(
+        [*cmd, "--fidelity-only", "--warm", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| init")]
+    rows += [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| trained")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [
+        ("init", "0"),
+        ("init", "1"),
+        ("trained", "0"),
+        ("trained", "1"),
+    ]
+    assert all(0.5 < float(r[3]) <= 1.0 + 1e-6 for r in rows)

@@ -47,6 +47,7 @@ __all__ = [
     "parse_method",
     "bench_method",
     "bench_methods",
+    "layer_fidelities",
     "configure_parser",
     "main",
 ]
@@ -147,28 +148,44 @@ def _cpu_peak_memory(**kwargs: Any) -> int | None:
         return pool.apply(_cpu_memory_child, ({**kwargs, "threads": torch.get_num_threads()},))
 
 
-def _fidelity(
+def layer_fidelities(
     est: Estimator, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor
-) -> float | None:
+) -> dict[int, float] | None:
+    """Subspace energy fidelity of ``est``'s W̃⊥ solver per hidden layer, on the batch ``x``,
+    ``y`` with the estimator's current state (warm starts); the state is left as it was.
+
+    ``None`` for estimators without a top-k W̃⊥ guess; layers whose subspace is computed in
+    closed form (next layer with at most k rows) are left out, as exact.
+    """
     if not isinstance(est, ForwardGradient) or not isinstance(est.guess, WPerpGuess):
         return None
     guess = est.guess
     if guess.k == "rank" or guess.subspace != "top":
         return None
     k = int(guess.k)
-    values: list[float] = []
+    values: dict[int, float] = {}
 
     def on_site(site: Site, g: Any, state: dict[str, Any]) -> None:
         if site.jacobian is None or site.jacobian.rows <= k:
             return  # output layer, or the closed form (exact)
         basis, _ = guess.basis(site, state)
-        values.append(subspace_fidelity(site.jacobian.dense(), basis, k))
+        values[site.index] = subspace_fidelity(site.jacobian.dense(), basis, k)
 
     saved = {i: dict(s) for i, s in est.state.items()}
     with torch.no_grad():
         est.tangent_pass(linear_layers(model), x, y, on_site=on_site)
     est.state = saved
-    return sum(values) / len(values) if values else 1.0
+    return values
+
+
+def _fidelity(
+    est: Estimator, model: nn.Sequential, x: torch.Tensor, y: torch.Tensor
+) -> float | None:
+    """The mean of :func:`layer_fidelities` over layers (1.0 when all are closed-form)."""
+    values = layer_fidelities(est, model, x, y)
+    if values is None:
+        return None
+    return sum(values.values()) / len(values) if values else 1.0
 
 
 @dataclass
