@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from guessgrad.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +54,24 @@ def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
         ("trained", "1"),
     ]
     assert all(0.5 < float(r[3]) <= 1.0 + 1e-6 for r in rows)
+
+
+def test_wtranspose_costs_prints_faults_steps_and_draws():
+    cmd = [sys.executable, str(ROOT / "scripts" / "wtranspose_costs.py"), "--width", "16"]
+    proc = subprocess.run(
+        [*cmd, "--rounds", "2"], capture_output=True, text=True, timeout=600, check=True
+    )
+    lines = proc.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "backprop",
+        "w-transpose",
+        "step (2 threads, median of 2 interleaved)",
+        "randn",
+        "rand + Box-Muller",
+        "rand + ndtri",
+    ]
+    step = lines[2]
+    bp, wt, ratio = (
+        float(step.split(k)[1].split()[0]) for k in ("backprop ", "w-transpose ", "ratio ")
+    )
+    assert ratio == pytest.approx(wt / bp, rel=0.1)  # the times are printed to 0.01 ms
