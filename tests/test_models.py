@@ -7,7 +7,12 @@ import torch
 from torch import nn
 
 import guessgrad
-from guessgrad.jacobians import MaskedLinearJacobian, UpstreamJacobian
+from guessgrad.jacobians import (
+    MaskedLinearJacobian,
+    UpstreamJacobian,
+    dense_active,
+    expand_columns,
+)
 
 
 def test_mlp_structure():
@@ -131,3 +136,42 @@ def test_masked_linear_jacobian_matches_dense():
 def test_masked_linear_jacobian_rejects_bad_shapes():
     with pytest.raises(ValueError, match=r"\(5, 7\) and \(3, 6\)"):
         MaskedLinearJacobian(torch.zeros(5, 7), torch.zeros(3, 6))
+
+
+def test_dense_active_keeps_every_nonzero_column():
+    """W̃_b restricted to its active columns holds all of W̃_b: put back, it is the dense matrix
+    exactly; r is the batch's largest active count (or ``at_least``), active columns first."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(5, 9, generator=gen) > 0.5).double()
+    mask[1] = 0.0  # no active unit
+    jac = MaskedLinearJacobian(w, mask)
+    compact, index = dense_active(jac)
+    count = int(mask.sum(1).max())
+    assert compact.shape == (5, 4, count) and index.shape == (5, count)
+    assert compact.is_contiguous()
+    torch.testing.assert_close(expand_columns(compact, index, 9), jac.dense(), rtol=0, atol=0)
+    for b in range(5):  # the active units come first, in order
+        active = torch.nonzero(mask[b]).flatten()
+        assert index[b, : len(active)].tolist() == active.tolist()
+    assert dense_active(jac, at_least=count + 2)[1].shape == (5, count + 2)
+    full, none = dense_active(jac, at_least=20)  # all n columns: no restriction
+    assert none is None and torch.equal(full, jac.dense())
+
+
+def test_dense_active_without_known_columns_is_dense():
+    """A Jacobian without ``active_columns`` is used densely."""
+
+    class Plain:
+        def __init__(self, inner):
+            self.inner = inner
+            self.cols = inner.cols
+
+        def dense(self):
+            return self.inner.dense()
+
+    w = torch.randn(3, 5, dtype=torch.float64)
+    jac = MaskedLinearJacobian(w, torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64))
+    dense, index = dense_active(Plain(jac))
+    assert index is None and torch.equal(dense, jac.dense())
+    assert expand_columns(dense, None, 5) is dense

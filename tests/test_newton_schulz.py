@@ -259,3 +259,18 @@ def test_ns_factor_redoes_underestimated_sigma(table, monkeypatch):
         ns, "power_iteration_sigma1", lambda w, iters: torch.tensor([0.7, 1.0], dtype=w.dtype)
     )
     torch.testing.assert_close(ns_factor(w, 0.55, table), reference, rtol=0, atol=1e-9)
+
+
+def test_newton_schulz_on_nonzero_columns_is_the_dense_factor(table):
+    """An odd matrix polynomial keeps zero columns zero: applied to the nonzero columns alone it
+    gives the dense result's nonzero columns (float64, same normalisation)."""
+    gen = torch.Generator().manual_seed(8)
+    w = torch.randn(3, 12, 16, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 7, 8, 9, 13])
+    w[:, :, [c for c in range(16) if c not in keep.tolist()]] = 0.0
+    w = w / torch.linalg.matrix_norm(w, ord=2)[:, None, None]
+    coeffs = coefficients_for(0.3, table)
+    dense = newton_schulz(w, coeffs, table.iterations)
+    compact = newton_schulz(w[:, :, keep].contiguous(), coeffs, table.iterations)
+    torch.testing.assert_close(dense[:, :, keep], compact, rtol=0, atol=1e-12)
+    assert float(dense.abs().sum()) == pytest.approx(float(compact.abs().sum()), rel=1e-12)

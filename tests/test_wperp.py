@@ -22,6 +22,7 @@ from guessgrad.guesses import (
 from guessgrad.jacobians import MaskedLinearJacobian
 from guessgrad.metrics import subspace_fidelity
 from guessgrad.solvers import top_right_singular
+from guessgrad.solvers.newton_schulz import load_coefficients, ns_factor, sigma_ratio
 
 F64 = torch.float64
 
@@ -231,6 +232,7 @@ def test_w_perp_samples_lie_in_the_top_k_svd_subspace():
     """Projected on the complement of the float64 SVD's top-k subspace, the guesses vanish; the
     bottom control's guesses vanish on the top-k subspace instead."""
     site = random_site(12, 8, 5, seed=10)
+    site = make_site(site.jacobian.weight, site.s[[0, 1, 2, 4]])  # ≥ 3 active units each
     p_top = svd_top_projector(site, 3)
     eye = torch.eye(8, dtype=F64)
     y = WPerpGuess(3).sample(site, {}, generator=seeded(1))
@@ -274,3 +276,46 @@ def test_sample_covariance_converges(name):
     assert float(((sample_cov - cov).abs() - 5 * se).max()) <= 1e-12
     # the test has power: the standard errors are small next to C
     assert float(se.max()) < 0.05 * float(diag.max())
+
+
+def test_exact_top_k_on_active_columns_is_the_dense_svd():
+    """The exact solver's top-k SVD of W̃_b's active columns only, put back in place, equals the
+    dense SVD's subspace (float64) wherever the top k singular values are nonzero; where an
+    example has fewer than k active units, the rows past its rank are orthonormal directions of
+    the null space, as the dense SVD's are; an example with no active unit gives no NaN."""
+    k = 3
+    site = random_site(12, 9, 7, seed=21, dead=(2,), few=(5,))
+    jac = site.jacobian
+    basis, _ = WPerpGuess(k).basis(site, {})
+    assert basis.shape == (7, k, 9) and torch.isfinite(basis).all()
+    torch.testing.assert_close(basis @ basis.mT, torch.eye(k, dtype=F64).expand(7, k, k))
+    rank = jac.mask.sum(1).long()  # W is generic, so rank(W̃_b) = active units
+    full = rank >= k
+    assert int(full.sum()) == 5
+    reference = svd_top_projector(site, k)
+    torch.testing.assert_close(projector(basis)[full], reference[full], rtol=0, atol=1e-12)
+    dense = jac.dense()
+    for b in torch.nonzero(~full).flatten().tolist():  # rows past the rank: null space
+        r = int(rank[b])
+        row_space = torch.linalg.pinv(dense[b]) @ dense[b]
+        torch.testing.assert_close(projector(basis[b, :r]), row_space, rtol=0, atol=1e-12)
+        assert float((dense[b] @ basis[b, r:].mT).abs().max()) <= 1e-12
+
+
+def test_newton_schulz_guess_runs_on_active_columns():
+    """W̃⊥-NS computes F_b on W̃_b's active columns: the factor is zero on inactive units and
+    matches ``ns_factor`` of the dense W̃_b (same σ_k/σ_1) up to the power iteration's σ̂_1,
+    which starts from another vector; its samples are F_bᵀ ε_b from the same normal draws."""
+    site = random_site(24, 30, 6, seed=21, dead=(2,), few=(5,))
+    jac = site.jacobian
+    state: dict = {}
+    guess = WPerpGuess(4, solver="newton-schulz")
+    factor, update = guess.basis(site, state)
+    assert factor.shape == (6, 24, 30)
+    assert torch.equal(factor * (1 - jac.mask).unsqueeze(1), torch.zeros_like(factor))
+    assert update["sigma_ratio"] == pytest.approx(sigma_ratio(jac.dense()[0], 4), rel=1e-12)
+    dense = ns_factor(jac.dense(), update["sigma_ratio"], load_coefficients())
+    torch.testing.assert_close(factor, dense, rtol=0, atol=1e-2)
+    y = guess.sample(site, {}, generator=seeded(4))
+    eps = torch.randn(6, 1, 24, generator=seeded(4), dtype=F64)
+    torch.testing.assert_close(y, (eps @ factor).squeeze(1), rtol=0, atol=1e-12)

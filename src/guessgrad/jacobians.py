@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["UpstreamJacobian", "MaskedLinearJacobian"]
+__all__ = ["UpstreamJacobian", "MaskedLinearJacobian", "dense_active", "expand_columns"]
 
 
 @runtime_checkable
@@ -153,10 +153,53 @@ class MaskedLinearJacobian:
     def dense(self) -> Tensor:
         return self.weight.unsqueeze(0) * self.mask.unsqueeze(1)  # (B, m, n)
 
+    def active_columns(self, at_least: int = 1) -> Tensor:
+        """Column indices ``(B, r)``: each example's active units (mask 1) in increasing order,
+        then inactive ones, r = min(n, max(at_least, max_b #active_b)) for the whole batch.
+
+        W̃_b = W M_b is zero outside its active columns, so those r columns hold all of it."""
+        r = min(self.cols, max(at_least, int(self.mask.sum(1).max()) if self.batch else 0))
+        order = torch.argsort(self.mask, dim=1, descending=True, stable=True)  # (B, n)
+        return order[:, :r]
+
+    def dense_columns(self, index: Tensor) -> Tensor:
+        """The columns ``index (B, r)`` of every W̃_b, ``(B, m, r)``."""
+        cols = self.weight.T[index] * torch.gather(self.mask, 1, index).unsqueeze(-1)  # (B, r, m)
+        return cols.mT.contiguous()
+
     def select(self, examples: slice) -> MaskedLinearJacobian:
         if self._gram is None and 2 * self.rows > self.cols:
             self._gram = self.weight.T @ self.weight
         return MaskedLinearJacobian(self.weight, self.mask[examples], self._gram)
+
+
+def dense_active(jacobian: UpstreamJacobian, at_least: int = 1) -> tuple[Tensor, Tensor | None]:
+    """W̃_b restricted to the columns that can be nonzero: ``(B, m, r)`` and their indices
+    ``(B, r)`` (at least ``at_least`` of them), or ``(dense(), None)`` when the Jacobian does not
+    know such columns or they are all n.
+
+    For ReLU masks about half of the n columns of W̃_b = W M_b are zero.  Dropping zero columns
+    changes neither the nonzero singular values nor, up to those zero coordinates, the right
+    singular vectors that belong to them, and an odd matrix polynomial X h(XᵀX) keeps zero
+    columns zero.  So an exact top-k SVD or a Newton–Schulz factor computed on the r active
+    columns and put back by :func:`expand_columns` is the dense result (null-space directions
+    aside), for (r/n)² to (r/n)³ of the cost."""
+    active = getattr(jacobian, "active_columns", None)
+    if active is None:
+        return jacobian.dense(), None
+    index = active(at_least)
+    if index.shape[1] == jacobian.cols:
+        return jacobian.dense(), None
+    return jacobian.dense_columns(index), index
+
+
+def expand_columns(rows: Tensor, index: Tensor | None, n: int) -> Tensor:
+    """Put ``rows (B, p, r)`` back in columns ``index (B, r)`` of zero ``(B, p, n)`` rows (the
+    inverse of :func:`dense_active`'s restriction); ``index=None`` returns ``rows``."""
+    if index is None:
+        return rows
+    out = rows.new_zeros(*rows.shape[:-1], n)
+    return out.scatter_(-1, index.unsqueeze(1).expand(-1, rows.shape[1], -1), rows)
 
 
 def _matmul_2d(v: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:
