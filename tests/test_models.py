@@ -10,6 +10,8 @@ import guessgrad
 from guessgrad.jacobians import (
     MaskedLinearJacobian,
     UpstreamJacobian,
+    active_groups,
+    column_gram,
     dense_active,
     expand_columns,
 )
@@ -175,3 +177,58 @@ def test_dense_active_without_known_columns_is_dense():
     dense, index = dense_active(Plain(jac))
     assert index is None and torch.equal(dense, jac.dense())
     assert expand_columns(dense, None, 5) is dense
+
+
+def test_active_groups_cover_every_example_with_all_its_active_columns():
+    """Groups hold every example once, ordered by active count; each group's columns are its
+    examples' active units first and number max(at_least, the group's largest count)."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(11, 12, generator=gen) > torch.linspace(0.1, 0.9, 11)[:, None]).double()
+    mask[3] = 0.0
+    jac = MaskedLinearJacobian(w, mask)
+    counts = mask.sum(1).long()
+    groups = active_groups(jac, at_least=2, size=4)
+    assert [len(ex) for ex, _ in groups] == [4, 4, 3]
+    order = torch.cat([ex for ex, _ in groups])
+    assert sorted(order.tolist()) == list(range(11))
+    assert counts[order].tolist() == sorted(counts.tolist())
+    for examples, index in groups:
+        assert index.shape == (len(examples), max(2, int(counts[examples].max())))
+        for row, b in zip(index, examples.tolist()):
+            active = torch.nonzero(mask[b]).flatten().tolist()
+            assert row[: len(active)].tolist() == active
+            assert len(set(row.tolist())) == len(row)  # distinct columns
+    whole = active_groups(jac, at_least=2)
+    assert len(whole) == 1 and whole[0][1].shape == (11, int(counts.max()))
+
+
+def test_column_gram_is_the_dense_gram_on_those_columns():
+    """The gathered W̃_bᵀW̃_b equals the product of the dense columns; a Jacobian without
+    ``column_gram`` or ``active_columns`` falls back to the dense Gram."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(6, 9, generator=gen) > 0.5).double()
+    mask[2] = 0.0
+    jac = MaskedLinearJacobian(w, mask)
+    for examples, index in active_groups(jac, at_least=3, size=4):
+        cols = torch.gather(
+            jac.dense()[examples], 2, index.unsqueeze(1).expand(-1, 5, -1)
+        )  # (g, m, r)
+        torch.testing.assert_close(
+            column_gram(jac, examples, index), cols.mT @ cols, rtol=0, atol=1e-12
+        )
+
+    class Plain:
+        batch, cols = jac.batch, jac.cols
+        device = jac.device
+
+        def dense(self):
+            return jac.dense()
+
+    [(examples, index)] = active_groups(Plain())
+    assert index is None and examples.tolist() == list(range(6))
+    dense = jac.dense()
+    torch.testing.assert_close(
+        column_gram(Plain(), examples, None), dense.mT @ dense, rtol=0, atol=1e-12
+    )

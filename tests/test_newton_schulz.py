@@ -16,12 +16,15 @@ import torch
 from guessgrad.solvers import newton_schulz as ns
 from guessgrad.solvers.newton_schulz import (
     coefficients_for,
+    gram_newton_schulz,
     load_coefficients,
     newton_schulz,
     ns_factor,
+    ns_gram_apply,
     ns_step_function,
     odd_polynomial,
     power_iteration_sigma1,
+    power_sigma1,
     sigma_ratio,
 )
 
@@ -102,6 +105,45 @@ def test_newton_schulz_batched_and_dtype(table):
     assert out32.dtype == torch.float32
     torch.testing.assert_close(out32.double(), out, rtol=0, atol=1e-4)
     assert torch.equal(newton_schulz(x, coeffs, 0), x)
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (6, 9), (7, 7)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("set_index", [0, 5, 8])
+def test_gram_newton_schulz_is_the_matrix_polynomial(table, shape, set_index):
+    """From A = XᵀX and rows u X alone: A_N = p^N(X)ᵀp^N(X) and u p^N(X), against the X
+    iteration in float64 (rank-deficient X, several rows u, a zero matrix in the batch)."""
+    gen = torch.Generator().manual_seed(10 + set_index)
+    m, n = shape
+    s = torch.tensor([1.1, 0.97, 0.62, 0.33, 0.08, 0.0][: min(m, n)], dtype=torch.float64)
+    x = torch.stack([with_singular_values(s, m, n, gen)[0], torch.zeros(m, n).double()])
+    u = torch.randn(2, 3, m, generator=gen, dtype=torch.float64)
+    coeffs = table.coefficients[set_index]
+    ref = newton_schulz(x, coeffs, table.iterations)
+    gram, rows = gram_newton_schulz(x.mT @ x, coeffs, table.iterations, u @ x)
+    torch.testing.assert_close(rows, u @ ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(gram, ref.mT @ ref, rtol=0, atol=1e-10)
+    same = gram_newton_schulz(x.mT @ x, coeffs, 0, u @ x)
+    assert torch.equal(same[1], u @ x)
+    with pytest.raises(ValueError, match="rows"):
+        gram_newton_schulz(x.mT @ x, coeffs, 1, torch.zeros(2, 3, n + 1).double())
+
+
+def test_ns_gram_apply_is_the_factor_and_redoes_low_sigma(table):
+    """u F_b from the Gram matrix equals u p^N(W̃_b/σ̂_b) (float64); a σ̂_b far below σ_1,
+    which blows the composition up, is redone with the exact σ_1."""
+    gen = torch.Generator().manual_seed(12)
+    s = torch.tensor([2.0, 1.8, 0.6, 0.2], dtype=torch.float64)
+    w = torch.stack([with_singular_values(s * c, 8, 10, gen)[0] for c in (1.0, 3.0, 0.5)])
+    u = torch.randn(3, 2, 8, generator=gen, dtype=torch.float64)
+    sigma = torch.tensor([1.9, 6.0, 0.7], dtype=torch.float64)  # the last: 30% low
+    coeffs = coefficients_for(0.55, table)
+    out = ns_gram_apply(w.mT @ w, u @ w, sigma, 0.55, table)
+    for b, sig in enumerate([1.9, 6.0, 1.0]):  # example 2 redone with σ_1 = 1.0
+        ref = newton_schulz(w[b] / sig, coeffs, table.iterations)
+        torch.testing.assert_close(out[b], u[b] @ ref, rtol=0, atol=1e-9)
+    assert not bool(torch.isfinite(newton_schulz(w[2] / 0.7, coeffs, table.iterations)).all())
+    zero = ns_gram_apply(torch.zeros(1, 10, 10), torch.zeros(1, 1, 10), torch.zeros(1), 0.5, table)
+    assert torch.equal(zero, torch.zeros(1, 1, 10))
 
 
 # --- the shipped fit -----------------------------------------------------------------------------
@@ -192,6 +234,16 @@ def test_power_iteration_matches_spectral_norm():
     assert float((1 - est / exact).mean()) < 0.01
     zero = power_iteration_sigma1(torch.zeros(2, 4, 3))
     assert torch.equal(zero, torch.zeros(2))
+    # the same iteration through a map G_b v (a masked shared Gram, as MaskedLinearJacobian's)
+    mask = (torch.rand(16, 20, generator=gen) > 0.4).double()
+    start = torch.randn(20, generator=gen, dtype=torch.float64).expand(16, -1) * mask
+    shared = w[0].T @ w[0]
+    via_map = power_sigma1(lambda v: (v @ shared) * mask, start)
+    dense = w[0].expand(16, -1, -1) * mask.unsqueeze(1)
+    torch.testing.assert_close(
+        via_map, power_sigma1(lambda v: (dense.mT @ (dense @ v.unsqueeze(-1))).squeeze(-1), start)
+    )
+    assert bool((via_map <= torch.linalg.matrix_norm(dense, ord=2) * (1 + 1e-12)).all())
 
 
 def test_sigma_ratio_matches_svdvals():

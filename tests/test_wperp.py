@@ -18,11 +18,19 @@ from guessgrad.guesses import (
     WPerpGuess,
     WPrecondGuess,
     WTransposeGuess,
+    wperp,
 )
 from guessgrad.jacobians import MaskedLinearJacobian
 from guessgrad.metrics import subspace_fidelity
 from guessgrad.solvers import top_right_singular
-from guessgrad.solvers.newton_schulz import load_coefficients, ns_factor, sigma_ratio
+from guessgrad.solvers.newton_schulz import (
+    coefficients_for,
+    load_coefficients,
+    newton_schulz,
+    ns_factor,
+    power_iteration_sigma1,
+    sigma_ratio,
+)
 
 F64 = torch.float64
 
@@ -302,10 +310,13 @@ def test_exact_top_k_on_active_columns_is_the_dense_svd():
         assert float((dense[b] @ basis[b, r:].mT).abs().max()) <= 1e-12
 
 
-def test_newton_schulz_guess_runs_on_active_columns():
-    """W̃⊥-NS computes F_b on W̃_b's active columns: the factor is zero on inactive units and
-    matches ``ns_factor`` of the dense W̃_b (same σ_k/σ_1) up to the power iteration's σ̂_1,
-    which starts from another vector; its samples are F_bᵀ ε_b from the same normal draws."""
+@pytest.mark.parametrize("group", [64, 2])
+def test_newton_schulz_guess_is_the_polynomial_of_each_example(monkeypatch, group):
+    """W̃⊥-NS from Gram matrices on active columns, examples grouped by active count: the
+    factor is zero on inactive units and equals p^N(W̃_b/σ̂_b) of the dense W̃_b, with σ̂_b the
+    dense power iteration and the set of the first example's σ_k/σ_1 (float64), whatever the
+    grouping; its samples are F_bᵀ ε_b from the same normal draws."""
+    monkeypatch.setattr(wperp, "NS_GROUP", group)
     site = random_site(24, 30, 6, seed=21, dead=(2,), few=(5,))
     jac = site.jacobian
     state: dict = {}
@@ -314,8 +325,17 @@ def test_newton_schulz_guess_runs_on_active_columns():
     assert factor.shape == (6, 24, 30)
     assert torch.equal(factor * (1 - jac.mask).unsqueeze(1), torch.zeros_like(factor))
     assert update["sigma_ratio"] == pytest.approx(sigma_ratio(jac.dense()[0], 4), rel=1e-12)
-    dense = ns_factor(jac.dense(), update["sigma_ratio"], load_coefficients())
-    torch.testing.assert_close(factor, dense, rtol=0, atol=1e-2)
+    table = load_coefficients()
+    coeffs = coefficients_for(update["sigma_ratio"], table)
+    dense = jac.dense()
+    sigma = power_iteration_sigma1(dense)
+    for b in range(6):
+        scale = 1 / sigma[b] if sigma[b] > 0 else 0.0
+        ref = newton_schulz(dense[b] * scale, coeffs, table.iterations)
+        torch.testing.assert_close(factor[b], ref, rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        factor, ns_factor(dense, update["sigma_ratio"], table), rtol=0, atol=1e-9
+    )
     y = guess.sample(site, {}, generator=seeded(4))
     eps = torch.randn(6, 1, 24, generator=seeded(4), dtype=F64)
     torch.testing.assert_close(y, (eps @ factor).squeeze(1), rtol=0, atol=1e-12)

@@ -22,7 +22,14 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["UpstreamJacobian", "MaskedLinearJacobian", "dense_active", "expand_columns"]
+__all__ = [
+    "UpstreamJacobian",
+    "MaskedLinearJacobian",
+    "dense_active",
+    "expand_columns",
+    "active_groups",
+    "column_gram",
+]
 
 
 @runtime_checkable
@@ -167,6 +174,15 @@ class MaskedLinearJacobian:
         cols = self.weight.T[index] * torch.gather(self.mask, 1, index).unsqueeze(-1)  # (B, r, m)
         return cols.mT.contiguous()
 
+    def column_gram(self, examples: Tensor, index: Tensor) -> Tensor:
+        """W̃_bᵀW̃_b on the columns ``index (g, r)`` of the examples ``examples (g,)``,
+        ``(g, r, r)``: entries of the shared WᵀW, gathered and masked (no per-example product)."""
+        if self._gram is None:
+            self._gram = self.weight.T @ self.weight
+        mask = torch.gather(self.mask[examples], 1, index)  # (g, r)
+        out = self._gram[index.unsqueeze(-1), index.unsqueeze(-2)]  # (g, r, r)
+        return out.mul_(mask.unsqueeze(-1)).mul_(mask.unsqueeze(-2))
+
     def select(self, examples: slice) -> MaskedLinearJacobian:
         if self._gram is None and 2 * self.rows > self.cols:
             self._gram = self.weight.T @ self.weight
@@ -200,6 +216,47 @@ def expand_columns(rows: Tensor, index: Tensor | None, n: int) -> Tensor:
         return rows
     out = rows.new_zeros(*rows.shape[:-1], n)
     return out.scatter_(-1, index.unsqueeze(1).expand(-1, rows.shape[1], -1), rows)
+
+
+def active_groups(
+    jacobian: UpstreamJacobian, at_least: int = 1, size: int | None = None
+) -> list[tuple[Tensor, Tensor | None]]:
+    """The examples in groups of ``size`` (``None``: one group), ordered by their number of
+    active columns, each with its columns: ``[(examples (g,), columns (g, r_g))]``, r_g the
+    group's largest active count (at least ``at_least``, at most n), active columns first.
+
+    Padding each group only to its own largest count instead of the batch's makes work that
+    grows like r² or r³ cheaper: at width 512 the active counts spread over about 200–300.
+    A Jacobian without ``active_columns`` gives one group of all examples and columns ``None``
+    (all n)."""
+    bsz = jacobian.batch
+    active = getattr(jacobian, "active_columns", None)
+    if active is None or bsz == 0:
+        return [(torch.arange(bsz, device=jacobian.device), None)]
+    index = active(at_least)  # (B, r), active columns first
+    ones = torch.ones(bsz, jacobian.cols, dtype=jacobian.dtype, device=jacobian.device)
+    counts = torch.count_nonzero(jacobian.restrict(ones), dim=1)  # (B,)
+    order = torch.argsort(counts, stable=True)
+    size = bsz if size is None else size
+    groups: list[tuple[Tensor, Tensor | None]] = []
+    for lo in range(0, bsz, size):
+        examples = order[lo : lo + size]
+        r = min(index.shape[1], max(at_least, int(counts[examples].max())))
+        groups.append((examples, index[examples, :r]))
+    return groups
+
+
+def column_gram(jacobian: UpstreamJacobian, examples: Tensor, index: Tensor | None) -> Tensor:
+    """W̃_bᵀW̃_b of the examples ``examples (g,)`` on their columns ``index (g, r)`` (``None``:
+    all n), ``(g, r, r)``: the Jacobian's own ``column_gram`` where it has one, else from
+    ``dense()``."""
+    fast = getattr(jacobian, "column_gram", None)
+    if fast is not None and index is not None:
+        return fast(examples, index)
+    w = jacobian.dense()[examples]  # (g, m, n)
+    if index is not None:
+        w = torch.gather(w, 2, index.unsqueeze(1).expand(-1, w.shape[1], -1))
+    return w.mT @ w
 
 
 def _matmul_2d(v: Tensor, w: Tensor, out: Tensor | None = None) -> Tensor:

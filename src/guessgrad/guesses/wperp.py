@@ -23,11 +23,14 @@ returns y_b = V_k z_b; it never needs U.  ``solver`` picks how V_k is computed:
 - ``"newton-schulz"``: the paper's W̃⊥-NS (§2.6, :mod:`guessgrad.solvers.newton_schulz`): a
   fitted odd polynomial applied 5 times to W̃_b/σ_1 gives F_b ≈ U_k V_kᵀ and y_b = F_bᵀ ε_b;
   σ_k/σ_1 is computed on the batch's first example and refreshed every ``refresh`` steps (50,
-  as in the paper).  The polynomial runs on W̃_b's active columns only, which gives the same
-  F_b (its other columns stay zero) at (r/n)² to (r/n)³ of the cost; the power iteration
-  for σ_1 then starts from a vector in those r coordinates.  Where the next layer has at most k
-  rows the top-k subspace is the whole row space and the closed form is used, as for
-  ``"subspace"``.
+  as in the paper).  The polynomial is iterated on the Gram matrix W̃_bᵀW̃_b restricted to
+  W̃_b's active columns (the others are zero and stay zero), gathered from the shared
+  W_{i+1}ᵀW_{i+1}, with the examples grouped by their number of active units so that each
+  group is padded only to its own largest count; y_bᵀ = (ε_bᵀW̃_b) q(A_0) ⋯ q(A_{N−1}) needs
+  W̃_b only through one shared product (:func:`~guessgrad.solvers.newton_schulz.ns_gram_apply`).
+  σ̂_1 comes from power iteration through ``gram_apply``.  Same F_b as the dense polynomial
+  (to rounding).  Where the next layer has at most k rows the top-k subspace is the whole row
+  space and the closed form is used, as for ``"subspace"``.
 
 ``k="rank"`` (Table 1's "k = rank") takes every direction with a nonzero singular value,
 per example: the whole row space of W̃_b, which contains g_b, so the guess is unbiased.
@@ -45,8 +48,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ..jacobians import UpstreamJacobian, dense_active, expand_columns
-from ..solvers.newton_schulz import load_coefficients, ns_factor, sigma_ratio
+from ..jacobians import (
+    UpstreamJacobian,
+    active_groups,
+    column_gram,
+    dense_active,
+    expand_columns,
+)
+from ..solvers.newton_schulz import (
+    load_coefficients,
+    ns_gram_apply,
+    power_sigma1,
+    power_start,
+    sigma_ratio,
+)
 from ..solvers.subspace import (
     DEFAULT_DEPTH,
     exact_row_space,
@@ -64,6 +79,8 @@ __all__ = ["WPerpGuess", "SOLVERS"]
 SOLVERS = ("svd", "subspace", "newton-schulz")
 #: steps between two σ_k/σ_1 estimates of the Newton–Schulz solver (PAPER.md §2.6)
 NS_REFRESH = 50
+#: examples whose Newton–Schulz Gram matrices are iterated together (grouped by active count)
+NS_GROUP = 64
 #: examples per block Krylov solve: bounds the solver's memory, keeps products large
 DEFAULT_CHUNK: int | None = None
 #: with ``chunk=None``, the solver's per-chunk workspace stays within this many bytes
@@ -158,25 +175,44 @@ class WPerpGuess(Guess):
         k = int(self.k)
         if jac.rows <= k:
             return exact_row_space(jac, k), {}
-        if self.solver == "newton-schulz":
-            factor, index, update = self._ns_factor(jac, state)
-            return expand_columns(factor, index, jac.cols), update
+        if self.solver == "newton-schulz":  # F_b = I_m F_b
+            eye = torch.eye(jac.rows, dtype=jac.dtype, device=jac.device)
+            return self._ns_apply(jac, state, eye.expand(jac.batch, -1, -1))
         ritz, start = self._krylov(jac, state)
         return ritz.vectors(), {"start": start}
 
-    def _ns_factor(
-        self, jac: UpstreamJacobian, state: dict[str, Any]
-    ) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-        """F_b ≈ U_k V_kᵀ on the columns of W̃_b that can be nonzero, ``(B, m, r)``, those
-        columns ``(B, r)`` (``None``: all n) and the state updates (step count, σ_k/σ_1)."""
-        w, index = dense_active(jac, int(self.k))  # (B, m, r)
+    def _ns_apply(
+        self, jac: UpstreamJacobian, state: dict[str, Any], u: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """u_b F_b with F_b = p^N(W̃_b/σ̂_b) ≈ U_k V_kᵀ for every example, ``u (B, c, m) ->
+        (B, c, n)``, and the state updates (step count, σ_k/σ_1).
+
+        From the Gram matrices alone (:func:`~guessgrad.solvers.newton_schulz.ns_gram_apply`):
+        G_b on the active columns, in groups of ``NS_GROUP`` examples with similar active
+        counts (:func:`~guessgrad.jacobians.active_groups`), the rows u_b W̃_b from one shared
+        product, σ̂_b by power iteration through ``gram_apply``."""
+        k = int(self.k)
         steps = state.get("ns_steps", 0)
         ratio = state.get("sigma_ratio")
         update: dict[str, Any] = {"ns_steps": steps + 1}
         if ratio is None or steps % self.refresh == 0:
-            ratio = sigma_ratio(w[0], int(self.k))  # the first example, as the paper's code
+            first, _ = dense_active(jac.select(slice(0, 1)), k)
+            ratio = sigma_ratio(first[0], k)  # the first example, as the paper's code
             update["sigma_ratio"] = ratio
-        return ns_factor(w, ratio, load_coefficients()), index, update
+        bsz, n = jac.batch, jac.cols
+        start = jac.restrict(power_start(n, jac.dtype, jac.device).expand(bsz, n))
+        sigma1 = power_sigma1(lambda v: jac.gram_apply(v, restricted=True), start)
+        rows = jac.apply_t(u)  # (B, c, n)
+        out = torch.zeros_like(rows)
+        table = load_coefficients()
+        for examples, index in active_groups(jac, k, NS_GROUP):
+            part = rows[examples]
+            if index is not None:
+                part = torch.gather(part, 2, index.unsqueeze(1).expand(-1, part.shape[1], -1))
+            gram = column_gram(jac, examples, index)
+            res = ns_gram_apply(gram, part, sigma1[examples], ratio, table)
+            out.index_copy_(0, examples, expand_columns(res, index, n))
+        return out, update
 
     def _krylov(self, jac: UpstreamJacobian, state: dict[str, Any]) -> tuple[Any, Tensor]:
         """The block Krylov solve (:func:`~guessgrad.solvers.subspace.krylov_ritz`) and the
@@ -205,11 +241,11 @@ class WPerpGuess(Guess):
             # the closed form: the whole row space of W̃_b, sampled without forming a basis
             z = gaussian((site.batch, jac.rows), site.s, generator)
             return row_space_sample(jac, z)
-        if self.solver == "newton-schulz":  # y_b = F_bᵀ ε_b on the active columns
-            factor, index, update = self._ns_factor(jac, state)
+        if self.solver == "newton-schulz":  # y_bᵀ = ε_bᵀ F_b
+            eps = gaussian((site.batch, 1, jac.rows), site.s, generator)  # (B, 1, m)
+            y, update = self._ns_apply(jac, state, eps)
             state.update(update)
-            eps = gaussian((site.batch, 1, factor.shape[1]), site.s, generator)  # (B, 1, m)
-            return expand_columns(eps @ factor, index, jac.cols).squeeze(1)  # (B, n)
+            return y.squeeze(1)  # (B, n)
         basis, update = self.basis(site, state)
         state.update(update)
         z = gaussian((site.batch, 1, basis.shape[1]), site.s, generator)  # (B, 1, r)

@@ -32,9 +32,15 @@ Departures from the paper:
   σ_1, and an inflated σ̂_1 would push σ_k below the step.  Instead the polynomials are fitted
   on [0, 1.15] and map [−1.15, 1.15] into themselves, so an underestimate of up to 13 % still
   sends the top singular values to ≈ 1 (20 iterations stayed within 9 % on flat, random-weight
-  spectra).  Just past 1.15 the compositions for t ≤ 0.6 blow up; ``ns_factor`` detects such
-  an example (‖F_b‖_F above its bound, or not finite) and redoes it with the exact σ_1.  Those
-  for t ≥ 0.7 decay towards 0 there instead, which goes undetected.
+  spectra).  Just past 1.15 the compositions for t ≤ 0.6 blow up; ``ns_gram_apply`` detects
+  such an example (‖F_b‖_F above its bound, or not finite) and redoes it with the exact σ_1.
+  Those for t ≥ 0.7 decay towards 0 there instead, which goes undetected.
+- The polynomial is iterated on the Gram matrix A = XᵀX instead of on X
+  (:func:`gram_newton_schulz`): X ← X q(A) with q(A) = a I + b A + c A² + d A³ is
+  A ← A q(A)², and the guess needs only ε_bᵀ p^N(X) = (ε_bᵀ X) q(A_0) ⋯ q(A_{N−1}).  Same
+  matrix function, without X: for W̃_b = W_{i+1} M_b, A is a masked submatrix of the shared
+  W_{i+1}ᵀW_{i+1} and ε_bᵀX one shared product.  :func:`newton_schulz` is the X iteration as
+  the paper writes it, kept as the reference.
 - σ_k/σ_1 is computed for one matrix (the first example, as the paper's code does) with
   ARPACK's implicitly restarted Lanczos method (``scipy.sparse.linalg.svds``), falling back
   to a dense ``torch.linalg.svdvals`` where ARPACK cannot be used or fails.
@@ -45,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -61,9 +68,13 @@ __all__ = [
     "odd_polynomial",
     "ns_step_function",
     "newton_schulz",
+    "gram_newton_schulz",
+    "power_sigma1",
+    "power_start",
     "power_iteration_sigma1",
     "sigma_ratio",
     "ns_factor",
+    "ns_gram_apply",
     "POWER_ITERS",
 ]
 
@@ -199,25 +210,93 @@ def newton_schulz(x: Tensor, coeffs: Coefficients, iterations: int) -> Tensor:
     return x.reshape(shape)
 
 
+def gram_newton_schulz(
+    gram: Tensor, coeffs: Coefficients, iterations: int, rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """p^N(X) from the Gram matrix alone: ``(A_N, u p^N(X))`` from A = XᵀX and the rows u X.
+
+    One step X ← p(X) = X q(A), q(A) = a I + b A + c A² + d A³, maps the Gram matrix to
+    A ← q(A) A q(A) = A q(A)² (q(A) is a polynomial in A, so they commute).  After N steps
+    p^N(X) = X Q with Q = q(A_{N-1}) ⋯ q(A_0), so for any rows u, u p^N(X) = (u X) Q: the
+    rows are carried along, v ← v q(A), and X itself is never needed.
+
+    Cost per step: four batched r × r × r products (A², A·(…) for q, q², A q²) and one
+    (c × r)·(r × r) product per example, r = X's column count, against two r × r × r and two
+    r × r × m products of :func:`newton_schulz` (X is m × r, m ≥ r for W̃_b's active columns).
+    Rounding: A holds squared singular values, so a direction with σ below about
+    sqrt(eps)·σ_1 is resolved only to that level (3e-4 in float32); the fitted steps send such
+    directions towards 0 anyway (p(x) ≈ a x near 0, |a|^N ≤ 4.2 for the shipped sets).
+
+    Args:
+        gram: ``(B, r, r)`` symmetric A = XᵀX.
+        coeffs: (a, b, c, d).
+        iterations: N ≥ 0.
+        rows: ``(B, c, r)`` the rows u X.
+
+    Returns:
+        ``(A_N (B, r, r), u p^N(X) (B, c, r))``; p^N(X)ᵀ p^N(X) = A_N.
+    """
+    if gram.dim() != 3 or gram.shape[-1] != gram.shape[-2]:
+        raise ValueError(f"need square Gram matrices (B, r, r), got {tuple(gram.shape)}")
+    if rows.dim() != 3 or rows.shape[0] != gram.shape[0] or rows.shape[-1] != gram.shape[-1]:
+        raise ValueError(
+            f"need rows (B, c, r) for gram {tuple(gram.shape)}, got {tuple(rows.shape)}"
+        )
+    if not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    a, b, c, d = coeffs
+    for _ in range(iterations):
+        # q = a I + A (b I + c A + d A²): the scalings and sums fused into the products
+        inner = torch.baddbmm(gram, gram, gram, beta=c, alpha=d)
+        inner.diagonal(dim1=-2, dim2=-1).add_(b)
+        q = gram @ inner
+        q.diagonal(dim1=-2, dim2=-1).add_(a)
+        rows = rows @ q
+        gram = gram @ (q @ q)
+    return gram, rows
+
+
+def power_sigma1(
+    gram_apply: Callable[[Tensor], Tensor], start: Tensor, iters: int = POWER_ITERS
+) -> Tensor:
+    """σ_1 of every W̃_b by power iteration on G_b = W̃_bᵀW̃_b given as a map, ``(B,)``.
+
+    v ← G v / ‖G v‖ from ``start (B, n)``, with ``gram_apply`` the batched G_b v_b,
+    ``(B, n) -> (B, n)``; the estimate σ̂_1 = ‖G v‖^{1/2} for the last unit v never exceeds
+    σ_1.  Examples whose G_b is zero (or whose start is) give 0, never NaN.
+    """
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be a positive integer, got iters={iters!r}")
+    tiny = torch.finfo(start.dtype).tiny
+    gv = start
+    for _ in range(iters):
+        v = gv / gv.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        gv = gram_apply(v)
+    return gv.norm(dim=-1).sqrt()
+
+
 def power_iteration_sigma1(w: Tensor, iters: int = POWER_ITERS) -> Tensor:
     """σ_1 of every W̃_b by power iteration on W̃_bᵀW̃_b, ``(B, m, n) -> (B,)``.
 
-    v ← W̃ᵀW̃ v / ‖·‖ from a fixed generic start; the estimate is σ̂_1 = ‖W̃ᵀW̃ v‖^{1/2} for the
-    last unit v, which never exceeds σ_1.  All-zero matrices give 0 (never NaN).
+    :func:`power_sigma1` with G_b v = W̃_bᵀ(W̃_b v) from a fixed generic start (seed
+    ``POWER_START_SEED``); never exceeds σ_1; all-zero matrices give 0 (never NaN).
     """
     if w.dim() != 3:
         raise ValueError(f"need w of shape (B, m, n), got {tuple(w.shape)}")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"iters must be a positive integer, got iters={iters!r}")
+    start = power_start(w.shape[-1], w.dtype, w.device).expand(w.shape[0], -1)
+
+    def gram_apply(v: Tensor) -> Tensor:
+        return (w.mT @ (w @ v.unsqueeze(-1))).squeeze(-1)
+
+    return power_sigma1(gram_apply, start, iters)
+
+
+def power_start(n: int, dtype: torch.dtype, device=None) -> Tensor:
+    """The fixed generic start vector ``(n,)`` of the σ_1 power iterations."""
     gen = torch.Generator().manual_seed(POWER_START_SEED)
-    start = torch.randn(w.shape[-1], generator=gen, dtype=torch.float64)
-    v = start.to(dtype=w.dtype, device=w.device).expand(w.shape[0], -1).unsqueeze(-1)  # (B, n, 1)
-    tiny = torch.finfo(w.dtype).tiny
-    gv = v
-    for _ in range(iters):
-        v = gv / gv.norm(dim=-2, keepdim=True).clamp_min(tiny)
-        gv = w.mT @ (w @ v)  # (B, n, 1)
-    return gv.norm(dim=(-2, -1)).sqrt()
+    return torch.randn(n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
 def _dense_ratio(a: np.ndarray, k: int) -> float:
@@ -271,6 +350,9 @@ def ns_factor(
 ) -> Tensor:
     """F_b = p^N(W̃_b / σ̂_1(W̃_b)) ≈ U_k V_kᵀ for every example, ``(B, m, n) -> (B, m, n)``.
 
+    :func:`ns_gram_apply` with G_b = W̃_bᵀW̃_b, the rows u = I_m (so u W̃_b = W̃_b) and σ̂_1 from
+    :func:`power_iteration_sigma1`.
+
     Args:
         w: ``(B, m, n)`` the W̃_b.
         sigma_ratio: σ_k/σ_1 (of the first example, from :func:`sigma_ratio`); picks the set.
@@ -281,26 +363,57 @@ def ns_factor(
     Returns:
         ``(B, m, n)`` in ``w``'s dtype.  Covariance of the guess F_bᵀε_b: F_bᵀF_b ≈ V_k V_kᵀ.
         All-zero examples give zero matrices.
+    """
+    sigma1 = power_iteration_sigma1(w, power_iters)
+    return ns_gram_apply(w.mT @ w, w, sigma1, sigma_ratio, table, iterations=iterations)
+
+
+def ns_gram_apply(
+    gram: Tensor,
+    rows: Tensor,
+    sigma1: Tensor,
+    sigma_ratio: float,
+    table: NSCoefficients,
+    *,
+    iterations: int | None = None,
+) -> Tensor:
+    """u_b F_b for F_b = p^N(W̃_b / σ̂_b) ≈ U_k V_kᵀ, from G_b = W̃_bᵀW̃_b and the rows u_b W̃_b.
+
+    The normalised Gram and rows, G_b/σ̂_b² and u_b W̃_b/σ̂_b, go through
+    :func:`gram_newton_schulz`; W̃_b itself is never needed.  With u_b = ε_bᵀ, ε_b ~ N(0, I_m),
+    the result is the W̃⊥-NS guess y_bᵀ = (F_bᵀ ε_b)ᵀ; with u_b = I_m it is F_b.
+
+    Args:
+        gram: ``(B, r, r)`` the G_b (on any r columns that hold all of W̃_b's nonzero ones).
+        rows: ``(B, c, r)`` the u_b W̃_b on the same columns.
+        sigma1: ``(B,)`` σ̂_b ≤ σ_1(W̃_b), e.g. from :func:`power_sigma1`; 0 gives zero rows.
+        sigma_ratio: σ_k/σ_1 (of the first example, from :func:`sigma_ratio`); picks the set.
+        table: the fitted sets (:func:`load_coefficients`).
+        iterations: N; defaults to the N the table was fitted for.
+
+    Returns:
+        ``(B, c, r)`` in ``rows``' dtype.
 
     Safety net: while every normalised singular value stays in the invariant interval
-    [0, x_max], ‖F_b‖_F ≤ x_max · min(m, n)^{1/2}.  Examples above that bound (or not finite),
-    whose σ̂_1 was too low, are redone with the exact σ_1 (``torch.linalg.matrix_norm``).
+    [0, x_max], ‖F_b‖_F² = tr(A_N) ≤ x_max²·r.  Examples above that bound (or not finite),
+    whose σ̂_b was too low, are redone with the exact σ_1 = λ_max(G_b)^{1/2}.
     """
     if iterations is None:
         iterations = table.iterations
     coeffs = coefficients_for(sigma_ratio, table)
-    out = newton_schulz(_normalise(w, power_iteration_sigma1(w, power_iters)), coeffs, iterations)
-    limit = table.domain[1] * math.sqrt(min(w.shape[-2:]))
-    bad = ~(torch.linalg.matrix_norm(out) <= limit)  # (B,), catches NaN and inf too
+
+    def run(g: Tensor, u: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        positive = sigma > 0
+        scale = torch.where(positive, 1.0 / torch.where(positive, sigma, 1.0), 0.0)
+        scale = scale.to(g.dtype).view(-1, 1, 1)
+        return gram_newton_schulz(g * scale.square(), coeffs, iterations, u * scale)
+
+    gram_n, out = run(gram, rows, sigma1)
+    limit = table.domain[1] ** 2 * gram.shape[-1]
+    trace = torch.diagonal(gram_n, dim1=-2, dim2=-1).sum(-1)
+    bad = ~(trace <= limit) | ~torch.isfinite(out).flatten(1).all(1)  # (B,), NaN and inf too
     if bool(bad.any()):
-        redo = w[bad]
-        exact = torch.linalg.matrix_norm(redo, ord=2)
-        out = out.index_put((bad,), newton_schulz(_normalise(redo, exact), coeffs, iterations))
+        redo = gram[bad]
+        exact = torch.linalg.eigvalsh(redo).amax(-1).clamp_min(0).sqrt()
+        out = out.index_put((bad,), run(redo, rows[bad], exact)[1])
     return out
-
-
-def _normalise(w: Tensor, sigma: Tensor) -> Tensor:
-    """W̃_b / σ_b, with zero where σ_b = 0: ``(B, m, n), (B,) -> (B, m, n)``."""
-    positive = sigma > 0
-    scale = torch.where(positive, 1.0 / torch.where(positive, sigma, 1.0), 0.0)
-    return w * scale[:, None, None]
