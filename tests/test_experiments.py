@@ -113,6 +113,22 @@ def test_table3_and_fig2_share_their_runs() -> None:
     assert slugs["fig2"] == slugs["table3"]
 
 
+def test_methods_filter_keeps_the_rows_of_those_methods() -> None:
+    """``only_methods`` keeps cells by run-directory key or registry name; fig1's overlap
+    figure follows its run."""
+    table4 = EXPERIMENTS["table4"]
+    ns = table4.only_methods(("w-perp-ns",)).restrict((512,))
+    slugs = {t.config.slug() for t in plan(ns, seeds=[0, 1], epochs=300)}
+    assert slugs == {"w-perp-ns-w512-d3-e300-s0", "w-perp-ns-w512-d3-e300-s1"}
+    both = table4.only_methods(("w-perp",))
+    assert {c.run.key() for c in both.cells} == {
+        "w-perp-k10-solversvd",
+        "w-perp-k10-solversubspace",
+    }
+    assert not table4.only_methods(("backprop",)).cells
+    assert not EXPERIMENTS["fig1"].only_methods(("w-transpose",)).figures
+
+
 def test_missing_estimators_are_marked_not_fatal() -> None:
     missing = unavailable_methods([EXPERIMENTS["table4"]])
     assert (W_PERP_NS in missing) == ("w-perp-ns" not in ESTIMATORS)

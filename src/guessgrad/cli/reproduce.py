@@ -43,6 +43,13 @@ def _width_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected widths like 64,128, got {text!r}") from None
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected names like w-perp-ns,w-transpose, got {text!r}")
+    return names
+
+
 def _add_selection(p: argparse.ArgumentParser) -> None:
     names = ", ".join([*EXPERIMENTS, "all"])
     p.add_argument("experiment", metavar="EXPERIMENT", help=f"one of {names}")
@@ -53,6 +60,12 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--epochs", type=positive_int, help="training epochs (default: 300)")
     p.add_argument("--widths", type=_width_list, help="only these widths, e.g. 64,128")
+    p.add_argument(
+        "--methods",
+        type=_name_list,
+        help="only these methods, by run-directory key or registry name, "
+        "e.g. w-perp-ns,w-transpose",
+    )
     p.add_argument("--quick", action="store_true", help="the experiment's cheap preset")
     p.add_argument(
         "--out", type=Path, default=Path("results"), help="results directory (default: results)"
@@ -103,7 +116,7 @@ class Selection:
 
 def select(args: argparse.Namespace) -> list[Selection]:
     """The experiments named by ``args.experiment`` with ``--quick``, ``--widths``,
-    ``--seeds`` and ``--epochs`` applied."""
+    ``--methods``, ``--seeds`` and ``--epochs`` applied."""
     name = args.experiment
     if name != "all" and name not in EXPERIMENTS:
         raise UsageError(
@@ -124,10 +137,22 @@ def select(args: argparse.Namespace) -> list[Selection]:
                         f"its widths: {_join(widths)}"
                     )
                 continue
+        if args.methods:
+            keys = sorted({m.key() for m in exp.methods()})
+            exp = exp.only_methods(args.methods)
+            if not exp.cells:
+                if name != "all":
+                    raise UsageError(
+                        f"{exp.name} has no cells of {_join(args.methods)}"
+                        f"{' at those widths' if args.widths else ''}; its methods: {_join(keys)}"
+                    )
+                continue
         seeds = tuple(args.seeds) if args.seeds else tuple(range(exp.seeds))
         out.append(Selection(exp, seeds, args.epochs or exp.epochs))
     if not out:
-        raise UsageError(f"no experiment has cells at widths {_join(args.widths)}")
+        wanted = [f"at widths {_join(args.widths)}"] if args.widths else []
+        wanted += [f"of {_join(args.methods)}"] if args.methods else []
+        raise UsageError(f"no experiment has cells {' '.join(wanted)}")
     return out
 
 

@@ -16,6 +16,7 @@ the number of seeds or epochs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -58,6 +59,10 @@ class Method:
     def key(self) -> str:
         """A file-name-safe identifier, in the style of :meth:`TrainConfig.slug`."""
         return self.name + "".join(f"-{k}{v}" for k, v in self.options)
+
+    def matches(self, names: Iterable[str]) -> bool:
+        """Whether one of ``names`` is this method's :meth:`key` or its registry name."""
+        return not {self.key(), self.name}.isdisjoint(names)
 
     def config(self, *, width: int, seed: int, epochs: int, device: str = "cpu") -> TrainConfig:
         """The PAPER.md §4 training run of this method (3 hidden layers, AdamW defaults)."""
@@ -187,6 +192,9 @@ class Preset:
         seeds: number of seeds.
         epochs: training epochs.
         widths: keep only cells (and figure widths) at these widths.
+        methods: keep only cells whose run (or probe estimator) is one of these methods, by
+            :meth:`Method.key` (``w-perp-ns``, ``w-perp-k10-solversvd``) or registry name
+            (``w-perp``: all its rows).
         drop: drop cells whose run or probe estimator has one of these labels.
         when: keep only probes at these times.
         quantities: keep only cells of these quantities.
@@ -196,6 +204,7 @@ class Preset:
     seeds: int | None = None
     epochs: int | None = None
     widths: tuple[int, ...] | None = None
+    methods: tuple[str, ...] | None = None
     drop: tuple[str, ...] = ()
     when: tuple[When, ...] | None = None
     quantities: tuple[str, ...] | None = None
@@ -204,10 +213,12 @@ class Preset:
     def keeps(self, cell: Cell) -> bool:
         if self.widths is not None and cell.width not in self.widths:
             return False
-        labels = {cell.run.label}
+        used = [cell.run]
         if cell.probe is not None and cell.probe.estimator is not None:
-            labels.add(cell.probe.estimator.label)
-        if labels & set(self.drop):
+            used.append(cell.probe.estimator)
+        if {m.label for m in used} & set(self.drop):
+            return False
+        if self.methods is not None and not any(m.matches(self.methods) for m in used):
             return False
         if self.when is not None and cell.probe is not None and cell.probe.when not in self.when:
             return False
@@ -240,7 +251,8 @@ class Experiment:
             if isinstance(fig, OverlapFigure):  # the other figures follow their cells
                 widths = tuple(w for w in fig.widths if preset.widths is None or w in preset.widths)
                 when = tuple(w for w in fig.when if preset.when is None or w in preset.when)
-                if widths and when:
+                kept = preset.methods is None or fig.run.matches(preset.methods)
+                if widths and when and kept:
                     fig = replace(fig, widths=widths, when=when)
                 else:
                     continue
@@ -258,6 +270,10 @@ class Experiment:
     def restrict(self, widths: tuple[int, ...]) -> Experiment:
         """Only the cells and figure curves at ``widths``."""
         return self.with_preset(Preset(widths=widths))
+
+    def only_methods(self, names: tuple[str, ...]) -> Experiment:
+        """Only the cells of the methods ``names`` (keys or registry names, see :class:`Preset`)."""
+        return self.with_preset(Preset(methods=names))
 
     def methods(self) -> list[Method]:
         """Every method the experiment's cells train or probe, in first-use order."""
