@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,36 +124,40 @@ def select(args: argparse.Namespace) -> list[Selection]:
             f"unknown experiment {name!r}; available: {', '.join([*EXPERIMENTS, 'all'])}"
         )
     chosen = list(EXPERIMENTS.values()) if name == "all" else [EXPERIMENTS[name]]
+    # (narrow, what was asked for, what the experiment offers instead)
+    filters: list[tuple[Callable[[Experiment], Experiment], str, Callable[[Experiment], str]]] = []
+    if args.widths:
+        filters.append(
+            (
+                lambda e: e.restrict(args.widths),
+                f"at widths {_join(args.widths)}",
+                lambda e: f"its widths: {_join(sorted({c.width for c in e.cells}))}",
+            )
+        )
+    if args.methods:
+        filters.append(
+            (
+                lambda e: e.only_methods(args.methods),
+                f"of {_join(args.methods)}",
+                lambda e: f"its methods: {_join(sorted({m.key() for m in e.methods()}))}",
+            )
+        )
     out = []
     for exp in chosen:
         if args.quick:
             exp = exp.with_preset(exp.quick)
-        if args.widths:
-            widths = sorted({c.width for c in exp.cells})
-            exp = exp.restrict(args.widths)
-            if not exp.cells:
+        for narrow, wanted, offered in filters:
+            kept = narrow(exp)
+            if not kept.cells:
                 if name != "all":
-                    raise UsageError(
-                        f"{exp.name} has no cells at widths {_join(args.widths)}; "
-                        f"its widths: {_join(widths)}"
-                    )
-                continue
-        if args.methods:
-            keys = sorted({m.key() for m in exp.methods()})
-            exp = exp.only_methods(args.methods)
-            if not exp.cells:
-                if name != "all":
-                    raise UsageError(
-                        f"{exp.name} has no cells of {_join(args.methods)}"
-                        f"{' at those widths' if args.widths else ''}; its methods: {_join(keys)}"
-                    )
-                continue
-        seeds = tuple(args.seeds) if args.seeds else tuple(range(exp.seeds))
-        out.append(Selection(exp, seeds, args.epochs or exp.epochs))
+                    raise UsageError(f"{exp.name} has no cells {wanted}; {offered(exp)}")
+                break
+            exp = kept
+        else:
+            seeds = tuple(args.seeds) if args.seeds else tuple(range(exp.seeds))
+            out.append(Selection(exp, seeds, args.epochs or exp.epochs))
     if not out:
-        wanted = [f"at widths {_join(args.widths)}"] if args.widths else []
-        wanted += [f"of {_join(args.methods)}"] if args.methods else []
-        raise UsageError(f"no experiment has cells {' '.join(wanted)}")
+        raise UsageError(f"no experiment has cells {' '.join(w for _, w, _ in filters)}")
     return out
 
 
