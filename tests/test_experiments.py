@@ -316,3 +316,53 @@ def test_report_of_statistics_compares_by_ratio(tmp_path: Path) -> None:
     markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=300)
     assert "5.50e-04 (2.75e-04, ×2)" in markdown
     assert "3.00e-04 (1.50e-04, ×2)" in markdown
+
+
+_SWEEP = """
+import sys
+from guessgrad.experiments import Cell, Experiment, method, plan, run_tasks
+bp = method("backprop", "backprop")
+cell = Cell(row="8", col="bp", run=bp, width=8, quantity="train_accuracy")
+exp = Experiment(name="long", title="long", cells=(cell,), seeds=2, epochs=100000)
+run_tasks(plan(exp, seeds=[0, 1], epochs=100000), sys.argv[1], jobs=2)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_sigterm_to_the_sweep_stops_its_workers(tmp_path: Path) -> None:
+    """``kill -TERM`` of the parent alone (not its process group) ends the workers too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _SWEEP, str(tmp_path)])
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("runs/*/metrics.jsonl"))) < 2:  # both workers training
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.2)
+        own = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+        workers = [pid for pid in own if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+    def alive(pid: str) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:  # never leave a stray worker behind, even when the check fails
+        os.kill(int(pid), signal.SIGKILL)
+    assert not left

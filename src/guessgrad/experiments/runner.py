@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Iterable, Sequence
@@ -374,6 +375,10 @@ def _run_pool(
                 progress.advance()
             progress.finished(outcome)
 
+    # SIGTERM to this process alone (a job scheduler, `kill`) stops the workers too, as Ctrl-C
+    # does: the handler turns it into an exception, and the except clause below terminates them
+    stop_on_term = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if stop_on_term else None
     try:
         for wid in range(n):
             spawn(wid)
@@ -418,8 +423,14 @@ def _run_pool(
             proc.terminate()
         raise
     finally:
+        if stop_on_term:
+            signal.signal(signal.SIGTERM, previous)
         for proc in workers.values():
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.terminate()
     return outcomes
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
