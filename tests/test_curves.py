@@ -62,3 +62,17 @@ def test_a_method_keeps_its_colour_in_every_panel() -> None:
     legend = fig.axes[-1].get_legend()
     assert [t.get_text() for t in legend.get_texts()] == ["a", "b"]
     assert curves_figure([("w 8", {"a": [[]]})], "title") is None
+
+
+def test_a_curve_that_stops_early_ends_in_a_dot() -> None:
+    fig = curves_figure(
+        [("w 8", {"done": [_records([0.1, 0.2, 0.3])], "stopped": [_records([0.1, 0.25])]})],
+        "title",
+    )
+    assert fig is not None
+    top, bottom = fig.axes[0], fig.axes[1]
+    dots = [ln for ln in top.lines if ln.get_marker() == "o"]
+    # the stopped curve's train and test accuracy end in a dot at its last epoch, the other not
+    assert [(ln.get_color(), list(ln.get_xdata())) for ln in dots] == [("C1", [2]), ("C1", [2])]
+    assert list(dots[0].get_ydata()) == [0.25]
+    assert [list(ln.get_xdata()) for ln in bottom.lines if ln.get_marker() == "o"] == [[2]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from guessgrad.experiments.measure import overlap_curve
 from guessgrad.experiments.paper import TABLE2, TABLE3, TABLE4, W_PERP, W_PERP_NS
 from guessgrad.metrics import overlap
 from guessgrad.training import atomic_write_json
+
+# the module (the package exports its function of the same name)
+report_module = importlib.import_module("guessgrad.experiments.report")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -272,6 +276,17 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
         _store_final(tmp_path, cells[0], seed, 300, train_accuracy=0.3, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2], epochs=300)
     assert "9.9 aaaaaaa: 2; 9.9 bbbbbbb + modified files: 1." in markdown
+    # a run resumed with other code names each version and where it took over
+    session = {"version": "9.9", "git_commit": "a" * 40, "git_modified": False}
+    sessions = [
+        {**session, "from_epoch": 0},
+        {**session, "from_epoch": 50},  # resumed with the same code: not named again
+        {**session, "git_commit": "c" * 40, "from_epoch": 67},
+    ]
+    values = {**sessions[-1], "sessions": sessions}
+    _store_final(tmp_path, cells[0], 3, 300, train_accuracy=0.3, **values)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2, 3], epochs=300)
+    assert "; 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
 
 
 def test_report_draws_learning_curves_of_finished_runs(tmp_path: Path) -> None:
@@ -291,6 +306,51 @@ def test_report_draws_learning_curves_of_finished_runs(tmp_path: Path) -> None:
     assert (tmp_path / "table3" / "curves.png").stat().st_size > 0
     # runs without per-epoch records (or not finished) draw no curves
     assert "curves.png" not in report(exp, tmp_path, tmp_path / "b", seeds=[5], epochs=2)
+
+
+def _store_metrics(root: Path, cell: Cell, seed: int, epochs: int, accuracies) -> None:
+    config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+    lines = [
+        {"epoch": e + 1, "train_loss": 2.0, "train_accuracy": a, "test_accuracy": a - 0.1,
+         "wall_seconds": 90.0 * (e + 1)}
+        for e, a in enumerate(accuracies)
+    ]  # fmt: skip
+    metrics = RunStore(root).run_dir(config) / "metrics.jsonl"
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_report_lists_and_draws_unfinished_runs_apart(tmp_path: Path, monkeypatch) -> None:
+    """Runs with epochs but no final.json stay out of the table; the notes and summary.json
+    say how far they got, and the curves draw them under their own label."""
+    exp = EXPERIMENTS["table3"].restrict((64,))
+    wt = next(c for c in exp.cells if c.col == "W̃ᵀ" and c.section == "")
+    _store_final(tmp_path, wt, 0, 300, train_accuracy=0.30, test_accuracy=0.20)
+    _store_metrics(tmp_path, wt, 0, 300, [0.1, 0.2, 0.3])
+    _store_metrics(tmp_path, wt, 1, 300, [0.1, 0.25])  # seed 1: stopped after epoch 2
+    drawn = {}
+    monkeypatch.setattr(
+        report_module, "draw_curves", lambda panels, path, title: drawn.update(panels) or True
+    )
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    assert "0.300 [1/2]" in markdown  # the table: the finished run only
+    assert "W̃ᵀ, width 64, seed 1: epoch 2 of 300, train 0.250, test 0.150, 3.0 min" in markdown
+    summary = json.loads((tmp_path / "table3" / "summary.json").read_text())
+    assert summary["unfinished"] == [
+        {"method": "W̃ᵀ", "width": 64, "seed": 1, "run": wt.run.config(width=64, seed=1,
+         epochs=300).slug(), "epoch": 2, "epochs": 300, "train_accuracy": 0.25,
+         "test_accuracy": 0.15, "wall_seconds": 180.0}
+    ]  # fmt: skip
+    curves = drawn["width 64"]
+    label = report_module._mathtext("W̃ᵀ")
+    assert [len(r) for r in curves[label]] == [3]
+    assert [len(r) for r in curves[f"{label} (unfinished)"]] == [2]
+    # once it finishes it joins the others and the note goes
+    _store_final(tmp_path, wt, 1, 300, train_accuracy=0.32, test_accuracy=0.22)
+    drawn.clear()
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    assert "Unfinished" not in markdown and f"{label} (unfinished)" not in drawn["width 64"]
+    assert [len(r) for r in drawn["width 64"][label]] == [3, 2]
 
 
 def test_report_draws_accuracy_against_time_per_width(tmp_path: Path) -> None:

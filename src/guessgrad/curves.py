@@ -5,7 +5,8 @@ rows: train (solid) and test (dashed) accuracy after each epoch on top, the epoc
 loss below (the legend, one entry per method, sits in the last loss panel).
 Each curve is one method, the mean over its seeds with a band of ± one sample standard
 deviation where there are several; seeds whose runs stopped at different epochs are drawn up
-to the last epoch they all reached.
+to the last epoch they all reached, and a curve that stops before the others in its panel
+ends in a dot.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def curves_figure(
     axes = fig.subplots(2, len(kept), squeeze=False, sharex="col")
     for col, (name, curves) in enumerate(kept):
         top, bottom = axes[0, col], axes[1, col]
+        end = max(int(r[-1]["epoch"]) for runs in curves.values() for r in runs)
         for label, runs in curves.items():
             color = colors[label]
             for ax, key, style in (
@@ -97,6 +99,8 @@ def curves_figure(
             ):
                 epochs, mean, std = _mean_band(runs, key)
                 ax.plot(epochs, mean, color=color, linestyle=style, linewidth=1.2)
+                if epochs[-1] < end:  # a curve that stops before the others: mark where
+                    ax.plot(epochs[-1:], mean[-1:], color=color, marker="o", markersize=4)
                 if len(runs) > 1:
                     lo = [m - s for m, s in zip(mean, std)]
                     hi = [m + s for m, s in zip(mean, std)]

@@ -23,7 +23,16 @@ from ..training import atomic_write_json
 from .runner import RunStore
 from .spec import Cell, Experiment, Method, OverlapFigure, TradeoffFigure, WidthFigure
 
-__all__ = ["CellResult", "collect", "render_markdown", "summarize", "draw_figures", "report"]
+__all__ = [
+    "CellResult",
+    "UnfinishedRun",
+    "collect",
+    "unfinished_runs",
+    "render_markdown",
+    "summarize",
+    "draw_figures",
+    "report",
+]
 
 #: how each quantity is printed, and compared with the paper ("diff" or "ratio")
 _STYLE: dict[str, tuple[str, str]] = {
@@ -245,12 +254,78 @@ def _run_notes(
     return notes
 
 
+@dataclass(frozen=True)
+class UnfinishedRun:
+    """A run of the experiment with epochs recorded but no ``final.json`` yet (interrupted, or
+    still training): left out of the tables, drawn apart in the learning curves."""
+
+    label: str
+    width: int
+    seed: int
+    slug: str
+    epochs: int
+    records: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        last = self.records[-1]
+        return {
+            "method": self.label,
+            "width": self.width,
+            "seed": self.seed,
+            "run": self.slug,
+            "epoch": int(last["epoch"]),
+            "epochs": self.epochs,
+            "train_accuracy": last.get("train_accuracy"),
+            "test_accuracy": last.get("test_accuracy"),
+            "wall_seconds": last.get("wall_seconds"),
+        }
+
+    def describe(self) -> str:
+        d = self.as_dict()
+        text = f"{self.label}, width {self.width}, seed {self.seed}: epoch {d['epoch']} of "
+        text += f"{self.epochs}"
+        for key, name in (("train_accuracy", "train"), ("test_accuracy", "test")):
+            if d[key] is not None:
+                text += f", {name} {d[key]:.3f}"
+        if d["wall_seconds"] is not None:
+            text += f", {_fmt_time(float(d['wall_seconds']))} of training so far"
+        return text
+
+
+def unfinished_runs(
+    experiment: Experiment, store: RunStore, seeds: Sequence[int], epochs: int
+) -> list[UnfinishedRun]:
+    """The experiment's runs that have recorded epochs but no ``final.json``."""
+    found: dict[str, UnfinishedRun] = {}
+    for cell in experiment.cells:
+        if not cell.needs_training:
+            continue
+        for seed in seeds:
+            config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+            slug = config.slug()
+            if slug in found or store.read(config) is not None:
+                continue
+            records = read_metrics(store.run_dir(config))
+            if records:
+                found[slug] = UnfinishedRun(cell.run.label, cell.width, seed, slug, epochs, records)
+    return list(found.values())
+
+
 def _code_label(final: dict[str, Any]) -> str:
     """``0.1.0 1ce2447`` (``+ modified files`` where the package differed from the commit;
-    ``no commit`` outside a checkout)."""
-    commit = final.get("git_commit")
-    label = f"{final.get('version', '?')} " + (commit[:7] if commit else "no commit")
-    return label + (" + modified files" if final.get("git_modified") else "")
+    ``no commit`` outside a checkout); for a run resumed with other code, each version with the
+    epoch it took over at: ``0.1.0 1ce2447 → 0.1.0 9aa0302 (from epoch 67)``."""
+    labels: list[str] = []
+    previous = None
+    for s in final.get("sessions") or [final]:
+        code = (s.get("version", "?"), s.get("git_commit"), bool(s.get("git_modified")))
+        if code == previous:
+            continue
+        label = f"{code[0]} " + (code[1][:7] if code[1] else "no commit")
+        label += " + modified files" if code[2] else ""
+        labels.append(label if previous is None else f"{label} (from epoch {s['from_epoch']})")
+        previous = code
+    return " → ".join(labels)
 
 
 def render_markdown(
@@ -292,6 +367,7 @@ def summarize(
     epochs: int,
     notes: Sequence[str],
     figures: Sequence[str],
+    unfinished: Sequence[UnfinishedRun] = (),
 ) -> dict[str, Any]:
     """The content of ``summary.json``."""
     return {
@@ -300,6 +376,7 @@ def summarize(
         "seeds": list(seeds),
         "epochs": epochs,
         "cells": [r.as_dict() for r in results],
+        "unfinished": [u.as_dict() for u in unfinished],
         "notes": list(experiment.notes) + list(notes),
         "figures": list(figures),
         "version": __version__,
@@ -504,6 +581,10 @@ def draw_figures(
 CURVES_FILE = "curves.png"
 
 
+#: what the learning curves call runs without ``final.json``
+UNFINISHED = "unfinished"
+
+
 def _draw_learning_curves(
     experiment: Experiment,
     store: RunStore,
@@ -512,8 +593,9 @@ def _draw_learning_curves(
     path: Path,
     subtitle: str,
 ) -> bool:
-    """Accuracy and loss per epoch of the experiment's finished runs: one panel per width,
-    one curve per method (:func:`guessgrad.curves.draw_curves`)."""
+    """Accuracy and loss per epoch: one panel per width, one curve per method over its
+    finished runs (:func:`guessgrad.curves.draw_curves`), and one more per method over its
+    unfinished runs, up to the last epoch they all reached."""
     panels: dict[int, dict[str, list[list[dict[str, Any]]]]] = {}
     for cell in experiment.cells:
         if not cell.needs_training:
@@ -522,12 +604,15 @@ def _draw_learning_curves(
         label = _mathtext(cell.run.label)
         if label in curves:
             continue
-        runs = []
+        runs, unfinished = [], []
         for seed in seeds:
             config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
-            if store.read(config) is not None:  # finished runs only, as in the tables
-                runs.append(read_metrics(store.run_dir(config)))
+            records = read_metrics(store.run_dir(config))
+            # finished runs as in the tables; the others apart, as far as they got
+            (runs if store.read(config) is not None else unfinished).append(records)
         curves[label] = runs
+        if any(unfinished):
+            curves[f"{label} ({UNFINISHED})"] = unfinished
     return draw_curves(
         [(f"width {w}", panels[w]) for w in sorted(panels)],
         path,
@@ -561,6 +646,12 @@ def report(
             f"{missing} cell(s) lack some runs or measurements; `guessgrad reproduce "
             f"{experiment.name}` with the same options computes them."
         )
+    unfinished = unfinished_runs(experiment, store, seeds, epochs)
+    if unfinished:
+        notes.append(
+            "Unfinished runs, not in the table (`guessgrad reproduce` resumes them; the "
+            "learning curves draw them apart): " + "; ".join(u.describe() for u in unfinished) + "."
+        )
     figures = draw_figures(experiment, results, store, out_dir, seeds=seeds, epochs=epochs)
     markdown = render_markdown(
         experiment, results, seeds=seeds, epochs=epochs, notes=notes, figures=figures
@@ -569,7 +660,7 @@ def report(
     atomic_write_json(
         out_dir / "summary.json",
         _finite(summarize(experiment, results, seeds=seeds, epochs=epochs, notes=notes,
-                          figures=figures)),
+                          figures=figures, unfinished=unfinished)),
     )  # fmt: skip
     return markdown
 
