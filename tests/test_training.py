@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,57 @@ def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Pat
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     assert resumed["steps"] == reference["steps"]
     assert [m["epoch"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def _interrupted(config: TrainConfig, out: Path, data: MNIST1D, after: int) -> None:
+    def stop(line: dict) -> None:
+        if line["epoch"] == after:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out_dir=out, data=data, on_epoch=stop)
+
+
+def test_a_resumed_run_records_each_session_and_warns_of_other_code(
+    data: MNIST1D, tmp_path: Path, monkeypatch
+) -> None:
+    import guessgrad.training as training
+
+    config, out = _config(epochs=4), tmp_path / "run"
+    monkeypatch.setattr(training, "git_revision", lambda: ("a" * 40, False))
+    _interrupted(config, out, data, after=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same code: no warning
+        _interrupted(config, out, data, after=2)
+    monkeypatch.setattr(training, "git_revision", lambda: ("b" * 40, True))
+    with pytest.warns(UserWarning, match=r"epoch 2 .*aaaaaaa → \S+ bbbbbbb \+ modified"):
+        final = train(config, out_dir=out, data=data)
+    code = [(s["from_epoch"], s["git_commit"][0], s["git_modified"]) for s in final["sessions"]]
+    assert code == [(0, "a", False), (1, "a", False), (2, "b", True)]
+    assert final["git_commit"] == "b" * 40  # the top level: the last session
+    assert all(s["hardware"] == final["hardware"] for s in final["sessions"])
+    first = json.loads((out / "config.json").read_text())
+    assert first["git_commit"] == "a" * 40 and first["sessions"] == final["sessions"]
+
+
+def test_a_checkpoint_without_sessions_takes_the_first_from_config_json(
+    data: MNIST1D, tmp_path: Path, monkeypatch
+) -> None:
+    import guessgrad.training as training
+
+    config, out = _config(epochs=3), tmp_path / "run"
+    monkeypatch.setattr(training, "git_revision", lambda: ("a" * 40, False))
+    _interrupted(config, out, data, after=2)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    del ckpt["sessions"]  # as written before runs recorded their sessions
+    torch.save(ckpt, out / "checkpoint.pt")
+    monkeypatch.setattr(training, "git_revision", lambda: ("c" * 40, False))
+    with pytest.warns(UserWarning, match=r"aaaaaaa → \S+ ccccccc"):
+        final = train(config, out_dir=out, data=data)
+    assert [(s["from_epoch"], s["git_commit"][0]) for s in final["sessions"]] == [
+        (0, "a"),
+        (2, "c"),
+    ]
 
 
 def test_finished_run_is_not_trained_again(data: MNIST1D, tmp_path: Path) -> None:

@@ -12,6 +12,11 @@ Every run is described by a :class:`TrainConfig`; :func:`train` writes
 - ``final.json``: final train/test accuracy on the full sets, ``wall_seconds``, ``steps``
   and the config, written last and atomically: its presence means the run is complete.
 
+A run resumed from its checkpoint appends to ``sessions`` (in ``config.json``, the checkpoint
+and ``final.json``) the epoch it resumed at and the code and hardware that ran from there on,
+and warns when the code differs from the session before: ``final.json``'s top-level
+``git_commit`` is the last session's.
+
 Seeding: the initial weights depend on ``seed`` alone (not on the method), so every run is a
 same-init twin of the backprop run with the same seed.  Batch order and guesses have their
 own generators derived from ``seed``.
@@ -27,6 +32,7 @@ import platform
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,6 +259,7 @@ def train(
         "hardware": hardware(device),
     }
     start_epoch, steps, wall = 0, 0, 0.0
+    record["sessions"] = [_session(record, 0)]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         ckpt_path = out / "checkpoint.pt"
@@ -265,10 +272,12 @@ def train(
                 order_gen.set_state(ckpt["order_gen"])
                 guess_gen.set_state(ckpt["guess_gen"])
                 start_epoch, steps, wall = ckpt["epoch"], ckpt["steps"], ckpt["wall_seconds"]
+                record["sessions"] = _resumed_sessions(ckpt, out, record, start_epoch)
         if start_epoch == 0:
             atomic_write_json(out / "config.json", record)
             (out / "metrics.jsonl").write_text("")
         else:
+            _update_config_sessions(out / "config.json", record)
             _truncate_metrics(out / "metrics.jsonl", start_epoch)
 
     n = data.x_train.shape[0]
@@ -314,6 +323,7 @@ def train(
                 epoch + 1,
                 steps,
                 wall,
+                record["sessions"],
             )
         if on_epoch is not None:
             on_epoch(line)
@@ -332,6 +342,57 @@ def train(
         atomic_write_json(out / "final.json", final)
         (out / "checkpoint.pt").unlink(missing_ok=True)
     return final
+
+
+#: the fields of a run's record that say which code and hardware ran it
+_SESSION_KEYS = ("version", "git_commit", "git_modified", "torch", "device", "hardware")
+
+
+def _session(record: dict[str, Any], from_epoch: int) -> dict[str, Any]:
+    return {"from_epoch": from_epoch, **{k: record.get(k) for k in _SESSION_KEYS}}
+
+
+def _code_of(session: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(session.get(k) for k in ("version", "git_commit", "git_modified"))
+
+
+def _resumed_sessions(
+    ckpt: dict[str, Any], out: Path, record: dict[str, Any], epoch: int
+) -> list[dict[str, Any]]:
+    """The checkpoint's sessions (for a checkpoint without them, the first one from
+    ``config.json``) plus this one from ``epoch`` on; warns when the code changed."""
+    earlier = list(ckpt.get("sessions") or [])
+    if not earlier:
+        try:
+            with open(out / "config.json") as f:
+                earlier = [_session(json.load(f), 0)]
+        except (OSError, ValueError):
+            earlier = []
+    now = _session(record, epoch)
+    if earlier and _code_of(earlier[-1]) != _code_of(now):
+        warnings.warn(
+            f"{out}: resuming at epoch {epoch} with other code than the epochs before it "
+            f"({_describe_code(earlier[-1])} → {_describe_code(now)}); final.json's "
+            "'sessions' records both",
+            stacklevel=3,
+        )
+    return [*earlier, now]
+
+
+def _describe_code(session: dict[str, Any]) -> str:
+    commit = session.get("git_commit")
+    text = f"{session.get('version')} " + (commit[:7] if commit else "no commit")
+    return text + (" + modified files" if session.get("git_modified") else "")
+
+
+def _update_config_sessions(path: Path, record: dict[str, Any]) -> None:
+    # config.json keeps the first session's top-level fields; only ``sessions`` grows
+    try:
+        with open(path) as f:
+            payload = {**json.load(f), "sessions": record["sessions"]}
+    except (OSError, ValueError):
+        payload = record
+    atomic_write_json(path, payload)
 
 
 def _truncate_metrics(path: Path, epochs: int) -> None:
@@ -354,6 +415,7 @@ def _save_checkpoint(
     epoch: int,
     steps: int,
     wall: float,
+    sessions: list[dict[str, Any]],
 ) -> None:
     payload = {
         "config": config.to_dict(),
@@ -365,6 +427,7 @@ def _save_checkpoint(
         "epoch": epoch,
         "steps": steps,
         "wall_seconds": wall,
+        "sessions": sessions,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
