@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import guessgrad.training as training
 from guessgrad.data import MNIST1D
 from guessgrad.training import (
     TrainConfig,
@@ -105,25 +106,6 @@ def test_same_config_gives_identical_results(data: MNIST1D, tmp_path: Path) -> N
     ]
 
 
-def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Path) -> None:
-    config = _config(method="w-perp", options={"k": 2, "solver": "subspace"}, epochs=4)
-    reference = train(config, out_dir=tmp_path / "ref", data=data)
-
-    def stop_after_two(line: dict) -> None:
-        if line["epoch"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, out_dir=tmp_path / "run", data=data, on_epoch=stop_after_two)
-    assert not (tmp_path / "run" / "final.json").exists()
-    assert (tmp_path / "run" / "checkpoint.pt").exists()
-    resumed = train(config, out_dir=tmp_path / "run", data=data)
-    assert resumed["train_accuracy"] == reference["train_accuracy"]
-    assert resumed["test_accuracy"] == reference["test_accuracy"]
-    assert resumed["steps"] == reference["steps"]
-    assert [m["epoch"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
-
-
 def _interrupted(config: TrainConfig, out: Path, data: MNIST1D, after: int) -> None:
     def stop(line: dict) -> None:
         if line["epoch"] == after:
@@ -133,18 +115,35 @@ def _interrupted(config: TrainConfig, out: Path, data: MNIST1D, after: int) -> N
         train(config, out_dir=out, data=data, on_epoch=stop)
 
 
+def _code(monkeypatch, commit: str, modified: bool) -> None:
+    """Make runs see the package at ``commit`` (``modified``: with changed files)."""
+    monkeypatch.setattr(training, "git_revision", lambda: (commit, modified))
+
+
+def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Path) -> None:
+    config = _config(method="w-perp", options={"k": 2, "solver": "subspace"}, epochs=4)
+    reference = train(config, out_dir=tmp_path / "ref", data=data)
+
+    _interrupted(config, tmp_path / "run", data, after=2)
+    assert not (tmp_path / "run" / "final.json").exists()
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+    resumed = train(config, out_dir=tmp_path / "run", data=data)
+    assert resumed["train_accuracy"] == reference["train_accuracy"]
+    assert resumed["test_accuracy"] == reference["test_accuracy"]
+    assert resumed["steps"] == reference["steps"]
+    assert [m["epoch"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
 def test_a_resumed_run_records_each_session_and_warns_of_other_code(
     data: MNIST1D, tmp_path: Path, monkeypatch
 ) -> None:
-    import guessgrad.training as training
-
     config, out = _config(epochs=4), tmp_path / "run"
-    monkeypatch.setattr(training, "git_revision", lambda: ("a" * 40, False))
+    _code(monkeypatch, "a" * 40, False)
     _interrupted(config, out, data, after=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same code: no warning
         _interrupted(config, out, data, after=2)
-    monkeypatch.setattr(training, "git_revision", lambda: ("b" * 40, True))
+    _code(monkeypatch, "b" * 40, True)
     with pytest.warns(UserWarning, match=r"epoch 2 .*aaaaaaa → \S+ bbbbbbb \+ modified"):
         final = train(config, out_dir=out, data=data)
     code = [(s["from_epoch"], s["git_commit"][0], s["git_modified"]) for s in final["sessions"]]
@@ -158,15 +157,13 @@ def test_a_resumed_run_records_each_session_and_warns_of_other_code(
 def test_a_checkpoint_without_sessions_takes_the_first_from_config_json(
     data: MNIST1D, tmp_path: Path, monkeypatch
 ) -> None:
-    import guessgrad.training as training
-
     config, out = _config(epochs=3), tmp_path / "run"
-    monkeypatch.setattr(training, "git_revision", lambda: ("a" * 40, False))
+    _code(monkeypatch, "a" * 40, False)
     _interrupted(config, out, data, after=2)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     del ckpt["sessions"]  # as written before runs recorded their sessions
     torch.save(ckpt, out / "checkpoint.pt")
-    monkeypatch.setattr(training, "git_revision", lambda: ("c" * 40, False))
+    _code(monkeypatch, "c" * 40, False)
     with pytest.warns(UserWarning, match=r"aaaaaaa → \S+ ccccccc"):
         final = train(config, out_dir=out, data=data)
     assert [(s["from_epoch"], s["git_commit"][0]) for s in final["sessions"]] == [
