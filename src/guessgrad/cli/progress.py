@@ -1,6 +1,9 @@
 """Progress display: a tqdm bar on a terminal, plain lines otherwise, nothing when quiet.
 
-Progress goes to stderr; results (summaries, tables) go to stdout.
+Progress goes to stderr; results (summaries, tables) go to stdout.  Without a terminal (a log
+file, a batch job) a sweep prints a line per finished task and, in between, one each time
+another twentieth of its training epochs is done, with the time elapsed and an estimate of the
+time left (from the sweep's mean rate so far).
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ class SweepProgress:
         self.tasks = 0
         self.count = 0
         self.failed: list[Outcome] = []
+        self.name, self.unit = "", ""
+        self.total = self.done = self.next_line = 0
+        self.started = time.perf_counter()
 
     def _write(self, text: str) -> None:
         if self.quiet:
@@ -96,6 +102,9 @@ class SweepProgress:
     def phase(self, name: str, tasks: int, total: int, unit: str) -> None:
         self._close_bar()
         self.tasks, self.count = tasks, 0
+        self.name, self.unit, self.total, self.done = name, unit, total, 0
+        self.next_line = self._step()
+        self.started = time.perf_counter()
         noun = "run" if unit == "epoch" else "measurement"
         if self.quiet:
             return
@@ -106,9 +115,22 @@ class SweepProgress:
             extra = f", {total} epochs" if unit == "epoch" else ""
             self._write(f"{name}: {tasks} {noun}(s){extra}")
 
+    def _step(self) -> int:
+        return max(1, math.ceil(self.total / 20))
+
     def advance(self, n: int = 1) -> None:
+        self.done += n
         if self.bar is not None:
             self.bar.update(n)
+        elif self.unit == "epoch" and self.next_line <= self.done < self.total:
+            self.next_line = (self.done // self._step() + 1) * self._step()
+            elapsed = time.perf_counter() - self.started
+            left = elapsed * (self.total - self.done) / self.done
+            self._write(
+                f"{self.name}: {self.done}/{self.total} {self.unit}s "
+                f"({100 * self.done / self.total:.0f}%), {_duration(elapsed)} elapsed, "
+                f"about {_duration(left)} left"
+            )
 
     def finished(self, outcome: Outcome) -> None:
         self.count += 1
@@ -136,3 +158,11 @@ class SweepProgress:
 
     def close(self) -> None:
         self._close_bar()
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3 h 05 min``."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"

@@ -1,0 +1,50 @@
+"""Progress display without a terminal: plain lines, with the time left on long sweeps."""
+
+from __future__ import annotations
+
+import guessgrad.cli.progress as progress
+from guessgrad.cli.progress import SweepProgress, _duration
+
+
+def test_a_sweep_without_terminal_prints_each_twentieth_with_the_time_left(
+    capsys, monkeypatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock[0])
+    sweep = SweepProgress(quiet=False)
+    sweep.phase("training", 2, 400, "epoch")
+    for _ in range(100):  # 6 s per epoch
+        clock[0] += 6.0
+        sweep.advance()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "training: 2 run(s), 400 epochs"
+    assert len(lines) == 1 + 5  # at 20, 40, 60, 80 and 100 epochs
+    assert lines[-1] == "training: 100/400 epochs (25%), 10 min elapsed, about 30 min left"
+    for _ in range(300):
+        clock[0] += 6.0
+        sweep.advance()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 14  # 120, …, 380: the end itself is told by the tasks' own lines
+    assert lines[-1] == "training: 380/400 epochs (95%), 38 min elapsed, about 2 min left"
+
+
+def test_measurements_and_quiet_sweeps_print_no_such_lines(capsys) -> None:
+    sweep = SweepProgress(quiet=False)
+    sweep.phase("measuring", 3, 3, "task")
+    for _ in range(3):
+        sweep.advance()
+    quiet = SweepProgress(quiet=True)
+    quiet.phase("training", 1, 40, "epoch")
+    for _ in range(40):
+        quiet.advance()
+    assert capsys.readouterr().err.splitlines() == ["measuring: 3 measurement(s)"]
+
+
+def test_durations_read_as_seconds_minutes_hours() -> None:
+    assert [_duration(s) for s in (45, 61, 719.9, 3600, 11100)] == [
+        "45 s",
+        "1 min",
+        "12 min",
+        "1 h 00 min",
+        "3 h 05 min",
+    ]
