@@ -391,20 +391,37 @@ def test_krylov_ritz_combine_is_the_basis_times_z():
 
 
 @pytest.mark.parametrize(
-    ("chunk", "group", "sub"),
-    [(2, 64, 8), (2, 3, 8), (4, 4, 3), (9, 64, 2)],
-    ids=["small-chunks", "groups-of-chunks", "sub-chunks", "sub-chunk-remainder"],
+    ("chunk", "group", "sub", "threads"),
+    [(2, 64, 8, 1), (2, 3, 8, 1), (4, 4, 3, 1), (9, 64, 2, 1), (2, 2, 8, 2), (3, 2, 8, 3)],
+    ids=[
+        "small-chunks",
+        "groups-of-chunks",
+        "sub-chunks",
+        "sub-chunk-remainder",
+        "groups-per-thread",
+        "chunks-capped-groups-per-thread",
+    ],
 )
-def test_krylov_ritz_chunks_do_not_change_the_result(monkeypatch, chunk, group, sub):
+def test_krylov_ritz_chunks_do_not_change_the_result(monkeypatch, chunk, group, sub, threads):
     import guessgrad.solvers.subspace as subspace
 
     gen = torch.Generator().manual_seed(17)
     w = torch.randn(24, 16, generator=gen, dtype=F64) / 4
     jac = MaskedLinearJacobian(w, random_masks(9, 16, gen, 0.3))
     whole = krylov_ritz(jac, 4, start_for(4, 16))
-    # examples held at once, examples per small solve, examples per float64 product
+    # examples held at once (at most RITZ_GROUP), examples per small solve (RITZ_GROUP per
+    # thread, a multiple of the chunk), examples per float64 product
     monkeypatch.setattr(subspace, "RITZ_GROUP", group)
     monkeypatch.setattr(subspace, "GRAM_BYTES", sub * (4 * 3 + 4) * 16 * 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    solved = []
+    ritz = subspace._ritz_coefficients
+    monkeypatch.setattr(
+        subspace, "_ritz_coefficients", lambda full, *a: solved.append(len(full)) or ritz(full, *a)
+    )
     chunked = krylov_ritz(jac, 4, start_for(4, 16), chunk=chunk)
+    step = min(chunk, group)
+    per_solve = step * -(-group * threads // step)
+    assert solved == [min(per_solve, 9 - lo) for lo in range(0, 9, per_solve)]
     torch.testing.assert_close(projector(chunked.vectors()), projector(whole.vectors()))
     torch.testing.assert_close(chunked.power, whole.power)

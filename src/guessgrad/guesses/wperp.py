@@ -103,8 +103,10 @@ class WPerpGuess(Guess):
             (default) picks the largest chunk whose Krylov blocks, (depth + 2)·block·n
             numbers in the working dtype per example, fit in ``CHUNK_BYTES`` (5 MiB): 64
             examples at width 512 with k = 10; on CPU never more than
-            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64).  Elsewhere the chunk may be as
-            large as the batch (more memory, fewer kernel launches; not measured yet).
+            :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64; the small Rayleigh–Ritz
+            problems are solved for that many examples per torch thread at once).  Elsewhere
+            the chunk may be as large as the batch (more memory, fewer kernel launches; not
+            measured yet).
     """
 
     needs_jacobian = True

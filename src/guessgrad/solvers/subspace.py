@@ -56,9 +56,12 @@ DEFAULT_DEPTH = 2
 #: Rayleigh–Ritz by subspace iteration: ``DEFAULT_RITZ_ITERS`` products with T^power
 DEFAULT_RITZ_POWER = 4
 DEFAULT_RITZ_ITERS = 2
-#: examples whose small Rayleigh–Ritz problems are solved together (their (p+b)² float64 Grams
-#: are held at once): few enough to bound memory, many enough that the small batched
-#: operations are not dominated by their per-call overhead
+#: on CPU, examples whose Krylov blocks are held at once at most, and examples per torch thread
+#: whose small Rayleigh–Ritz problems are solved together (their (p+b)² float64 Grams are held
+#: at once): few enough to bound memory and stay in cache, many enough that the small batched
+#: operations are not dominated by their per-call overhead, and on several threads enough
+#: matrices per call for each thread (the grouping changes no number: each example's small
+#: problem is its own)
 RITZ_GROUP = 64
 #: bytes of float64 Krylov vectors copied and multiplied at once on CPU (small enough to stay
 #: in cache: 8 examples at width 512 with k = 10, depth 2)
@@ -369,8 +372,8 @@ def krylov_ritz(
 
     Memory: the blocks of ``chunk`` examples at a time in the working dtype (Gram, then
     discarded), copied to float64 ``GRAM_BYTES`` at a time (a copy that stays in cache);
-    the (p + b)² Grams of ``RITZ_GROUP`` examples (on CPU; of the whole batch elsewhere) are
-    kept, and their small problems solved together.
+    the (p + b)² Grams of ``RITZ_GROUP`` examples per torch thread (on CPU; of the whole batch
+    elsewhere) are kept, and their small problems solved together.
     The Ritz vectors are re-formed from S by Horner's rule when needed (:class:`KrylovRitz`),
     so neither the blocks nor V are ever held for the whole batch.
 
@@ -389,11 +392,13 @@ def krylov_ritz(
     """
     bsz, n, b = jacobian.batch, jacobian.cols, start.shape[0]
     dtype, device = jacobian.dtype, jacobian.device
-    # on CPU, small problems RITZ_GROUP examples at a time (their workspace stays in cache) and
-    # chunks no larger; elsewhere one group for the whole batch (fewer, larger launches)
-    cap = RITZ_GROUP if device.type == "cpu" else bsz
-    step = min(chunk or bsz, bsz, cap)
-    group = step * max(1, -(-cap // step))  # examples per small solve, chunk multiple
+    # on CPU, chunks of at most RITZ_GROUP examples and small problems RITZ_GROUP examples per
+    # thread at a time (their workspace stays in cache); elsewhere one group for the whole
+    # batch (fewer, larger launches)
+    cpu = device.type == "cpu"
+    step = min(chunk or bsz, bsz, RITZ_GROUP if cpu else bsz)
+    per_solve = RITZ_GROUP * torch.get_num_threads() if cpu else bsz
+    group = step * max(1, -(-per_solve // step))  # examples per small solve, chunk multiple
     p = b * (depth + 1)
     ys = torch.empty((depth + 2, step, b, n), dtype=dtype, device=device)
     # on CPU the float64 copies are made a cache-sized piece at a time; elsewhere at once
