@@ -142,12 +142,12 @@ def cholesky_orthonormalize(q: Tensor, *, equilibrate: bool = False) -> Tensor:
 def _jittered_cholesky(gram: Tensor, scale: Tensor, jitters: tuple[float, ...]) -> Tensor:
     """Cholesky factor of ``gram + c·eps·scale·I`` (``scale (B, 1)``) per matrix, with the
     smallest c in ``jitters`` for which the factorization succeeds."""
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     eps, tiny = torch.finfo(gram.dtype).eps, torch.finfo(gram.dtype).tiny
 
     def factor(c: float) -> tuple[Tensor, Tensor]:
-        jitter = (c * eps * scale).clamp_min(tiny)  # (B, 1)
-        return torch.linalg.cholesky_ex(gram + jitter.unsqueeze(-1) * eye)
+        shifted = gram.clone()  # the jitter goes on the diagonal only: no (B, p, p) c·I
+        shifted.diagonal(dim1=-2, dim2=-1).add_((c * eps * scale).clamp_min(tiny))
+        return torch.linalg.cholesky_ex(shifted)
 
     chol, info = factor(jitters[0])
     for c in jitters[1:]:  # a larger jitter only where the smaller one failed
@@ -319,18 +319,23 @@ def _ritz_coefficients(
     alive = diag > eps * diag.amax(-1, keepdim=True)
     d = torch.where(alive, diag.clamp_min(torch.finfo(f64).tiny).rsqrt(), 0.0)
     ones = torch.ones_like(diag[..., :1])
-    chol = _jittered_cholesky(d.unsqueeze(-1) * gram * d.unsqueeze(-2), ones, _GRAM_JITTERS)
+    # (B, p, p) temporaries are made in place where that changes no number: with the groups
+    # of RITZ_GROUP examples per thread they make most of the solver's memory
+    scaled = (d.unsqueeze(-1) * gram).mul_(d.unsqueeze(-2))
+    chol = _jittered_cholesky(scaled, ones, _GRAM_JITTERS)
+    del scaled
     floor = max((_DEPENDENT * eps) ** 2, _GRAM_FLOOR * torch.finfo(f64).eps)
     dependent = torch.diagonal(chol, dim1=-2, dim2=-1).square() <= floor
     keep = (alive & ~dependent).to(f64).unsqueeze(-1)  # (B, p, 1)
     # L⁻¹D once (a triangular solve is slower than a product on small matrices), then
     # T = L⁻¹ D A D L⁻ᵀ on the kept coordinates
-    ld = torch.linalg.solve_triangular(chol, torch.diag_embed(d), upper=False) * keep
-    t = ld @ a @ ld.mT
-    t = 0.5 * (t + t.mT)
+    ld = torch.linalg.solve_triangular(chol, torch.diag_embed(d), upper=False).mul_(keep)
     # start: the coordinates of the last k Krylov vectors (the most powered ones) plus a fixed
     # random block, so that no column starts at zero where those vectors were dropped
     z = (chol[:, -k:, :].mT + 1e-3 * _fixed_normal(p, k, device)) * keep  # (B, p, k)
+    del chol
+    t = ld @ a @ ld.mT
+    t = (t + t.mT).mul_(0.5)
     z = _top_eigenspace(t, z, ritz_power, ritz_iters) * keep
     theta = (z * (t @ z)).sum(-2)  # (B, k) Rayleigh quotients
     norms = (z * z).sum(-2).sqrt()
