@@ -55,6 +55,7 @@ __all__ = [
     "hardware",
     "resolve_device",
     "atomic_write_json",
+    "describe_code",
 ]
 
 
@@ -372,17 +373,19 @@ def _resumed_sessions(
     if earlier and _code_of(earlier[-1]) != _code_of(now):
         warnings.warn(
             f"{out}: resuming at epoch {epoch} with other code than the epochs before it "
-            f"({_describe_code(earlier[-1])} → {_describe_code(now)}); final.json's "
+            f"({describe_code(earlier[-1])} → {describe_code(now)}); final.json's "
             "'sessions' records both",
             stacklevel=3,
         )
     return [*earlier, now]
 
 
-def _describe_code(session: dict[str, Any]) -> str:
-    commit = session.get("git_commit")
-    text = f"{session.get('version')} " + (commit[:7] if commit else "no commit")
-    return text + (" + modified files" if session.get("git_modified") else "")
+def describe_code(record: dict[str, Any]) -> str:
+    """``0.1.0 1ce2447`` for a run's record or session (``+ modified files`` where the package
+    differed from the commit; ``no commit`` outside a checkout)."""
+    commit = record.get("git_commit")
+    text = f"{record.get('version', '?')} " + (commit[:7] if commit else "no commit")
+    return text + (" + modified files" if record.get("git_modified") else "")
 
 
 def _update_config_sessions(path: Path, record: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..curves import draw_curves, read_metrics
-from ..training import atomic_write_json
+from ..training import atomic_write_json, describe_code
 from .runner import RunStore
 from .spec import Cell, Experiment, Method, OverlapFigure, TradeoffFigure, WidthFigure
 
@@ -312,19 +312,16 @@ def unfinished_runs(
 
 
 def _code_label(final: dict[str, Any]) -> str:
-    """``0.1.0 1ce2447`` (``+ modified files`` where the package differed from the commit;
-    ``no commit`` outside a checkout); for a run resumed with other code, each version with the
-    epoch it took over at: ``0.1.0 1ce2447 → 0.1.0 9aa0302 (from epoch 67)``."""
+    """The code a stored run was trained with (:func:`guessgrad.training.describe_code`); for a
+    run resumed with other code, each version with the epoch it took over at:
+    ``0.1.0 1ce2447 → 0.1.0 9aa0302 (from epoch 67)``."""
     labels: list[str] = []
     previous = None
     for s in final.get("sessions") or [final]:
-        code = (s.get("version", "?"), s.get("git_commit"), bool(s.get("git_modified")))
-        if code == previous:
-            continue
-        label = f"{code[0]} " + (code[1][:7] if code[1] else "no commit")
-        label += " + modified files" if code[2] else ""
-        labels.append(label if previous is None else f"{label} (from epoch {s['from_epoch']})")
-        previous = code
+        label = describe_code(s)
+        if label != previous:
+            labels.append(label if previous is None else f"{label} (from epoch {s['from_epoch']})")
+        previous = label
     return " → ".join(labels)
 
 
