@@ -319,8 +319,8 @@ def _ritz_coefficients(
     alive = diag > eps * diag.amax(-1, keepdim=True)
     d = torch.where(alive, diag.clamp_min(torch.finfo(f64).tiny).rsqrt(), 0.0)
     ones = torch.ones_like(diag[..., :1])
-    # (B, p, p) temporaries are made in place where that changes no number: with the groups
-    # of RITZ_GROUP examples per thread they make most of the solver's memory
+    # (B, p, p) temporaries are made in place where that changes no number: their memory grows
+    # with the group, RITZ_GROUP examples per thread
     scaled = (d.unsqueeze(-1) * gram).mul_(d.unsqueeze(-2))
     chol = _jittered_cholesky(scaled, ones, _GRAM_JITTERS)
     del scaled
