@@ -1,6 +1,7 @@
 # Two entry points: `make reproduce-quick` (the main job) and `make test`.
 # Each builds .venv from nothing: a CPU build of PyTorch 2.13 and the package with its
-# test tools.  PYTHON may name another interpreter (3.10+).
+# test tools (without compiling every module to bytecode up front, which took half of the
+# set-up: Python compiles what it imports, once).  PYTHON may name another interpreter (3.10+).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,8 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 $(BIN)/guessgrad: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
 	touch $(BIN)/guessgrad
 
 venv: $(BIN)/guessgrad
