@@ -334,12 +334,15 @@ def test_report_lists_and_draws_unfinished_runs_apart(tmp_path: Path, monkeypatc
     )
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
     assert "0.300 [1/2]" in markdown  # the table: the finished run only
-    assert "W̃ᵀ, width 64, seed 1: epoch 2 of 300, train 0.250, test 0.150, 3.0 min" in markdown
+    assert (
+        "W̃ᵀ, width 64, seed 1: epoch 2 of 300, train 0.250, test 0.150, 3.0 min of training so "
+        "far, about 7.5 h left at its recent pace"  # 298 epochs of 90 s: 7.45 h
+    ) in markdown
     summary = json.loads((tmp_path / "table3" / "summary.json").read_text())
     assert summary["unfinished"] == [
         {"method": "W̃ᵀ", "width": 64, "seed": 1, "run": wt.run.config(width=64, seed=1,
          epochs=300).slug(), "epoch": 2, "epochs": 300, "train_accuracy": 0.25,
-         "test_accuracy": 0.15, "wall_seconds": 180.0}
+         "test_accuracy": 0.15, "wall_seconds": 180.0, "seconds_left": 298 * 90.0}
     ]  # fmt: skip
     curves = drawn["width 64"]
     label = report_module._mathtext("W̃ᵀ")
@@ -351,6 +354,25 @@ def test_report_lists_and_draws_unfinished_runs_apart(tmp_path: Path, monkeypatc
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
     assert "Unfinished" not in markdown and f"{label} (unfinished)" not in drawn["width 64"]
     assert [len(r) for r in drawn["width 64"][label]] == [3, 2]
+
+
+def test_unfinished_run_time_left_follows_its_recent_pace() -> None:
+    """The time left is the remaining epochs at the pace of the last PACE_EPOCHS epochs: a
+    run that slowed down (a busy machine) is judged by its recent epochs, not its first."""
+
+    def run(walls, epochs: int = 100) -> report_module.UnfinishedRun:
+        records = [{"epoch": e + 1, "wall_seconds": w} for e, w in enumerate(walls)]
+        return report_module.UnfinishedRun("W̃ᵀ", 64, 0, "slug", epochs, records)
+
+    pace = report_module.PACE_EPOCHS
+    fast, slow = [10.0 * e for e in range(1, 21)], []
+    slow = fast + [fast[-1] + 30.0 * e for e in range(1, pace + 1)]  # 30 s per epoch lately
+    assert run(fast).seconds_left() == pytest.approx(80 * 10.0)
+    assert run(slow).seconds_left() == pytest.approx((100 - len(slow)) * 30.0)
+    assert run([5.0]).seconds_left() is None  # one epoch: no pace yet
+    assert run([None, None]).seconds_left() is None  # no timings recorded
+    assert run([10.0, 20.0], epochs=2).seconds_left() == 0.0
+    assert "left at its recent pace" not in run([5.0]).describe()
 
 
 def test_report_draws_accuracy_against_time_per_width(tmp_path: Path) -> None:

@@ -254,6 +254,10 @@ def _run_notes(
     return notes
 
 
+#: recorded epochs whose pace estimates an unfinished run's time left
+PACE_EPOCHS = 10
+
+
 @dataclass(frozen=True)
 class UnfinishedRun:
     """A run of the experiment with epochs recorded but no ``final.json`` yet (interrupted, or
@@ -278,7 +282,22 @@ class UnfinishedRun:
             "train_accuracy": last.get("train_accuracy"),
             "test_accuracy": last.get("test_accuracy"),
             "wall_seconds": last.get("wall_seconds"),
+            "seconds_left": self.seconds_left(),
         }
+
+    def seconds_left(self) -> float | None:
+        """The time its remaining epochs take at the pace of its last ``PACE_EPOCHS`` recorded
+        epochs (training time per epoch, from ``wall_seconds``); ``None`` without two timed
+        epochs.  Training time only: a stopped run's time between sessions does not count."""
+        timed = [r for r in self.records if r.get("wall_seconds") is not None]
+        if len(timed) < 2:
+            return None
+        first, last = timed[-min(len(timed), PACE_EPOCHS + 1)], timed[-1]
+        epochs = int(last["epoch"]) - int(first["epoch"])
+        if epochs <= 0:
+            return None
+        per_epoch = (float(last["wall_seconds"]) - float(first["wall_seconds"])) / epochs
+        return max(per_epoch, 0.0) * max(self.epochs - int(last["epoch"]), 0)
 
     def describe(self) -> str:
         d = self.as_dict()
@@ -289,6 +308,8 @@ class UnfinishedRun:
                 text += f", {name} {d[key]:.3f}"
         if d["wall_seconds"] is not None:
             text += f", {_fmt_time(float(d['wall_seconds']))} of training so far"
+        if d["seconds_left"] is not None:
+            text += f", about {_fmt_time(d['seconds_left'])} left at its recent pace"
         return text
 
 
