@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -75,3 +76,20 @@ def test_wtranspose_costs_prints_faults_steps_and_draws():
         float(step.split(k)[1].split()[0]) for k in ("backprop ", "w-transpose ", "ratio ")
     )
     assert ratio == pytest.approx(wt / bp, rel=0.1)  # the times are printed to 0.01 ms
+
+
+def test_wperp_step_split_times_both_solver_phases(capsys):
+    """The phases are timed inside real steps (a phase the solver no longer calls through its
+    module would read 0 ms) and the solver's functions are restored afterwards."""
+    import guessgrad.solvers.subspace as subspace
+
+    originals = (subspace._krylov_gram, subspace._ritz_coefficients)
+    spec = importlib.util.spec_from_file_location("split", ROOT / "scripts" / "wperp_step_split.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--widths", "16", "--steps", "2"])
+    assert (subspace._krylov_gram, subspace._ritz_coefficients) == originals
+    row = capsys.readouterr().out.splitlines()[-1].strip("|").split("|")
+    step, krylov, ritz, rest = (float(cell.split()[0]) for cell in row[1:])
+    assert row[0].strip() == "16" and min(step, krylov, ritz) > 0
+    assert krylov + ritz + rest == pytest.approx(step, rel=0.5)
