@@ -196,13 +196,23 @@ def git_revision(where: Path | None = None) -> tuple[str | None, bool | None]:
 
 
 def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never a part."""
+    """Write JSON so that readers see the old file or the whole new one, never a part.
+
+    The file gets the permissions of any file the process creates (0o666 less the umask), not
+    the owner-only ones of the temporary file it is written to first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(payload, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(f.name, 0o666 & ~_umask())
     os.replace(f.name, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # os.umask sets a mask and returns the previous one: put it back
+    os.umask(mask)
+    return mask
 
 
 @torch.no_grad()
