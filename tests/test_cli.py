@@ -55,6 +55,11 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
     assert _train(tmp_path / "run") == 0
     assert "not trained again" in capsys.readouterr().out
     assert (tmp_path / "run" / "final.json").stat().st_mtime_ns == stamp
+    # the same directory for another configuration: an error, and the run is kept
+    assert _train(tmp_path / "run", "--quiet", "--seed", "9") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "finished run of another configuration (seed 0 there, 9 here)" in err
+    assert (tmp_path / "run" / "final.json").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize(

@@ -183,6 +183,34 @@ def test_finished_run_is_not_trained_again(data: MNIST1D, tmp_path: Path) -> Non
     assert (tmp_path / "final.json").stat().st_mtime_ns == stamp
 
 
+def test_a_run_of_another_config_is_neither_returned_nor_overwritten(
+    data: MNIST1D, tmp_path: Path
+) -> None:
+    """A directory holding another configuration's finished or interrupted run raises, and
+    its files are left as they were (before, a finished run was returned under the new
+    config, and an interrupted one was silently started over)."""
+    done, stopped = tmp_path / "done", tmp_path / "stopped"
+    train(_config(), out_dir=done, data=data)
+    _interrupted(_config(), stopped, data, after=1)
+    files = {p: p.read_bytes() for d in (done, stopped) for p in d.iterdir()}
+    with pytest.raises(training.RunDirectoryConflict, match=r"finished run .*width 8 there, 16"):
+        train(_config(width=16), out_dir=done, data=data)
+    with pytest.raises(training.RunDirectoryConflict, match=r"unfinished run .*lr 0.001 there"):
+        train(_config(lr=1e-2), out_dir=stopped, data=data)
+    # a checkpoint holds its device's random generators: it resumes on that device only
+    ckpt = torch.load(stopped / "checkpoint.pt", weights_only=False)
+    torch.save({**ckpt, "config": {**ckpt["config"], "device": "cuda"}}, stopped / "checkpoint.pt")
+    with pytest.raises(training.RunDirectoryConflict, match=r"device 'cuda' there, 'cpu' here"):
+        train(_config(), out_dir=stopped, data=data)
+    (stopped / "checkpoint.pt").write_bytes(files[stopped / "checkpoint.pt"])
+    assert {p: p.read_bytes() for d in (done, stopped) for p in d.iterdir()} == files
+    # a finished run is the same run on any device (its directory name leaves it out)
+    final = json.loads((done / "final.json").read_text())
+    final["config"]["device"] = "cuda"
+    (done / "final.json").write_text(json.dumps(final))
+    assert train(_config(), out_dir=done, data=data) == final
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_git_revision_only_from_a_checkout_that_tracks_the_package(tmp_path: Path) -> None:
     """A copy of the package inside some other repository reports no commit; a tracked one

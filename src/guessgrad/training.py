@@ -48,6 +48,7 @@ from .models import MLP
 
 __all__ = [
     "TrainConfig",
+    "RunDirectoryConflict",
     "train",
     "evaluate",
     "build_estimator",
@@ -228,6 +229,43 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> 
     return total_loss / x.shape[0], correct / x.shape[0]
 
 
+class RunDirectoryConflict(ValueError):
+    """``out_dir`` holds a run that ``train`` must not return or resume for this config (and
+    must not overwrite either: it may be hours of someone's training)."""
+
+
+def _differences(stored: dict[str, Any], wanted: dict[str, Any], skip: tuple[str, ...]) -> str:
+    keys = sorted(k for k in {*stored, *wanted} if k not in skip and stored.get(k) != wanted.get(k))
+    return ", ".join(f"{k} {stored.get(k)!r} there, {wanted.get(k)!r} here" for k in keys)
+
+
+def _check_stored_run(out: Path, config: TrainConfig, final: dict[str, Any] | None) -> None:
+    """Raise :class:`RunDirectoryConflict` if ``out``'s ``final.json`` (``final``) or
+    checkpoint belongs to another configuration.  A finished run counts as the same run on
+    any device (as its directory name says); a checkpoint resumes only on its own device,
+    whose random generators it holds."""
+    wanted = config.to_dict()
+    if final is not None:
+        stored = final.get("config")
+        diff = _differences(stored, wanted, ("device",)) if isinstance(stored, dict) else ""
+        if diff:
+            raise RunDirectoryConflict(
+                f"{out} holds a finished run of another configuration ({diff}); "
+                "remove it or choose another output directory"
+            )
+        return
+    ckpt_path = out / "checkpoint.pt"
+    if not ckpt_path.exists():
+        return
+    stored = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("config")
+    diff = _differences(stored, wanted, ()) if isinstance(stored, dict) else ""
+    if diff:
+        raise RunDirectoryConflict(
+            f"{out} holds an unfinished run of another configuration ({diff}); resume it with "
+            f"its own settings, or remove {ckpt_path} to start this one there"
+        )
+
+
 def train(
     config: TrainConfig,
     *,
@@ -240,14 +278,20 @@ def train(
 
     If ``out_dir`` holds a ``final.json`` the run is complete and its content is returned
     without training; if it holds a ``checkpoint.pt`` of the same config, training resumes
-    from it.  ``on_epoch`` receives each epoch's metrics line; ``on_step`` the step index
+    from it.  Either of another config raises :class:`RunDirectoryConflict` (nothing is
+    overwritten).  ``on_epoch`` receives each epoch's metrics line; ``on_step`` the step index
     and loss.
     """
     device = resolve_device(config.device)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and (out / "final.json").exists():
-        with open(out / "final.json") as f:
-            return json.load(f)
+    if out is not None:
+        final = None
+        if (out / "final.json").exists():
+            with open(out / "final.json") as f:
+                final = json.load(f)
+        _check_stored_run(out, config, final)
+        if final is not None:
+            return final
     data = (data if data is not None else mnist1d()).to(device)
     estimator = build_estimator(config)
 
@@ -276,7 +320,7 @@ def train(
         ckpt_path = out / "checkpoint.pt"
         if ckpt_path.exists():
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-            if ckpt.get("config") == config.to_dict():
+            if ckpt.get("config") == config.to_dict():  # else a checkpoint without a config
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 estimator.state = ckpt["estimator_state"]

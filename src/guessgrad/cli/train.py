@@ -14,8 +14,9 @@ from pathlib import Path
 
 from ..curves import draw_curves, read_metrics
 from ..data import mnist1d
-from ..training import TrainConfig, train
+from ..training import RunDirectoryConflict, TrainConfig, train
 from .common import (
+    UsageError,
     add_estimator_options,
     check_estimator,
     device_name,
@@ -113,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         final = train(
             config, out_dir=out, data=data, on_epoch=progress.on_epoch, on_step=progress.on_step
         )
+    except RunDirectoryConflict as err:
+        raise UsageError(str(err)) from None
     finally:
         progress.close()
     title = f"{config.method}, width {config.width}, depth {config.depth}, seed {config.seed}"
