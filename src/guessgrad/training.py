@@ -246,8 +246,8 @@ def _check_stored_run(out: Path, config: TrainConfig, final: dict[str, Any] | No
     whose random generators it holds."""
     wanted = config.to_dict()
     if final is not None:
-        stored = final.get("config")
-        diff = _differences(stored, wanted, ("device",)) if isinstance(stored, dict) else ""
+        stored, as_stored = final.get("config"), json.loads(json.dumps(wanted))  # tuples: lists
+        diff = _differences(stored, as_stored, ("device",)) if isinstance(stored, dict) else ""
         if diff:
             raise RunDirectoryConflict(
                 f"{out} holds a finished run of another configuration ({diff}); "
