@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from guessgrad import MLP, make_estimator
-from guessgrad.bench import bench_methods, layer_fidelities, markdown, parse_method
+from guessgrad.bench import (
+    bench_methods,
+    bench_units,
+    layer_fidelities,
+    markdown,
+    parse_method,
+)
 from guessgrad.cli import main as cli_main
 
 SETTINGS = dict(width=16, depth=2, batch_size=32, steps=2, warmup=1, device=torch.device("cpu"))
@@ -22,7 +28,12 @@ def test_parse_method_reads_options():
 
 
 def test_bench_methods_records():
-    records = bench_methods(["backprop", "w-transpose", "w-perp:k=3"], memory=False, **SETTINGS)
+    specs, seen = ["backprop", "w-transpose", "w-perp:k=3"], []
+    records = bench_methods(specs, memory=False, on_progress=seen.append, **SETTINGS)
+    # progress: one call per unit of work, in order, as many as bench_units counts
+    units = bench_units(3, steps=SETTINGS["steps"], warmup=SETTINGS["warmup"], memory=False)
+    assert len(seen) == units and seen[-1] == "w-perp:k=3: fidelity"
+    assert seen[SETTINGS["warmup"] * 3] == "backprop: timed steps"
     assert [r.method for r in records] == ["backprop", "w-transpose", "w-perp:k=3"]
     for r in records:
         assert r.step_seconds_median > 0 and r.step_seconds_iqr >= 0

@@ -29,11 +29,13 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .data import mnist1d
 from .estimators import Estimator, ForwardGradient, make_estimator
@@ -237,14 +239,18 @@ def bench_methods(
     device: torch.device,
     seed: int = 0,
     memory: bool = True,
+    on_progress: Callable[[str], None] | None = None,
 ) -> list[BenchRecord]:
     """Time several methods side by side; model, batch and initial weights depend on ``seed``.
 
     The timed steps are interleaved (one step of every method per round, ``steps`` rounds),
     so that a slow period of a shared machine hits every method alike and the ratios stay
     fair.  ``memory=False`` skips the peak-memory measurement (``peak_memory_bytes`` is
-    ``None``).
+    ``None``).  ``on_progress(what)`` is called after each unit of work, of which there are
+    :func:`bench_units`: every warm-up and timed step, and each method's fidelity and memory
+    measurement.
     """
+    done = on_progress if on_progress is not None else (lambda _what: None)
     configs = [
         dict(
             spec=spec,
@@ -263,20 +269,23 @@ def bench_methods(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for setup in setups:
+    for spec, setup in zip(specs, setups):
         for _ in range(warmup):
             setup.step()
+            done(f"{spec}: warm-up")
     sync()
     times: list[list[float]] = [[] for _ in setups]
     for _ in range(steps):
-        for setup, record in zip(setups, times):
+        for spec, setup, record in zip(specs, setups, times):
             t0 = time.perf_counter()
             setup.step()
             sync()
             record.append(time.perf_counter() - t0)
+            done(f"{spec}: timed steps")
     records = []
     for config, setup, ts in zip(configs, setups, times):
         fidelity = _fidelity(setup.est, setup.model, setup.x, setup.y)
+        done(f"{config['spec']}: fidelity")
         peak = None
         if memory:
             peak = (
@@ -284,6 +293,7 @@ def bench_methods(
                 if device.type == "cpu"
                 else _peak_memory(setup.step, device)
             )
+            done(f"{config['spec']}: memory")
         q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
         records.append(
             BenchRecord(
@@ -299,6 +309,11 @@ def bench_methods(
             )
         )
     return records
+
+
+def bench_units(methods: int, *, steps: int, warmup: int, memory: bool = True) -> int:
+    """How many times :func:`bench_methods` calls ``on_progress``."""
+    return methods * (warmup + steps + 1 + int(memory))
 
 
 def bench_method(spec: str, **kwargs: Any) -> BenchRecord:
@@ -359,16 +374,25 @@ def main(args: argparse.Namespace) -> int:
     for spec in specs:  # fail on a bad name before timing anything
         name, options = parse_method(spec)
         make_estimator(name, **options)
-    records = bench_methods(
-        specs,
-        width=args.width,
-        depth=args.depth,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        warmup=args.warmup,
-        device=device,
-        seed=args.seed,
-    )
+    total = bench_units(len(specs), steps=args.steps, warmup=args.warmup)
+    # a bar on a terminal only (tqdm's disable=None), on stderr: stdout keeps the table
+    with tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=None) as bar:
+
+        def advance(what: str) -> None:
+            bar.set_postfix_str(what, refresh=False)
+            bar.update()
+
+        records = bench_methods(
+            specs,
+            width=args.width,
+            depth=args.depth,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=device,
+            seed=args.seed,
+            on_progress=advance,
+        )
     if args.json:
         print(json.dumps([asdict(r) for r in records], indent=2))
     else:
