@@ -122,8 +122,17 @@ def test_gram_newton_schulz_is_the_matrix_polynomial(table, shape, set_index):
     gram, rows = gram_newton_schulz(x.mT @ x, coeffs, table.iterations, u @ x)
     torch.testing.assert_close(rows, u @ ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(gram, ref.mT @ ref, rtol=0, atol=1e-10)
+    for n in (table.iterations, 1, 0):  # the trace alone: the same rows, bit for bit
+        full = gram_newton_schulz(x.mT @ x, coeffs, n, u @ x)
+        trace, same = gram_newton_schulz(x.mT @ x, coeffs, n, u @ x, final="trace")
+        assert torch.equal(same, full[1]) and trace.shape == (2,)
+        torch.testing.assert_close(
+            trace, full[0].diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-10, rtol=1e-12
+        )
     same = gram_newton_schulz(x.mT @ x, coeffs, 0, u @ x)
     assert torch.equal(same[1], u @ x)
+    with pytest.raises(ValueError, match="final"):
+        gram_newton_schulz(x.mT @ x, coeffs, 1, u @ x, final="A")
     with pytest.raises(ValueError, match="rows"):
         gram_newton_schulz(x.mT @ x, coeffs, 1, torch.zeros(2, 3, n + 1).double())
 

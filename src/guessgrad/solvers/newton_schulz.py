@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Literal
 
 import numpy as np
 import torch
@@ -211,7 +212,12 @@ def newton_schulz(x: Tensor, coeffs: Coefficients, iterations: int) -> Tensor:
 
 
 def gram_newton_schulz(
-    gram: Tensor, coeffs: Coefficients, iterations: int, rows: Tensor
+    gram: Tensor,
+    coeffs: Coefficients,
+    iterations: int,
+    rows: Tensor,
+    *,
+    final: Literal["gram", "trace"] = "gram",
 ) -> tuple[Tensor, Tensor]:
     """p^N(X) from the Gram matrix alone: ``(A_N, u p^N(X))`` from A = XᵀX and the rows u X.
 
@@ -232,6 +238,9 @@ def gram_newton_schulz(
         coeffs: (a, b, c, d).
         iterations: N ≥ 0.
         rows: ``(B, c, r)`` the rows u X.
+        final: ``"trace"`` returns tr(A_N) ``(B,)`` = ‖p^N(X)‖_F² instead of A_N, for one
+            r × r × r product fewer: the last step's tr(A q²) = Σ_ij (A q)_ij q_ij (A and q are
+            symmetric and commute) instead of A q² itself.  The rows are the same, bit for bit.
 
     Returns:
         ``(A_N (B, r, r), u p^N(X) (B, c, r))``; p^N(X)ᵀ p^N(X) = A_N.
@@ -244,15 +253,21 @@ def gram_newton_schulz(
         )
     if not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    if final not in ("gram", "trace"):
+        raise ValueError(f"final must be 'gram' or 'trace', got {final!r}")
     a, b, c, d = coeffs
-    for _ in range(iterations):
+    for step in range(iterations):
         # q = a I + A (b I + c A + d A²): the scalings and sums fused into the products
         inner = torch.baddbmm(gram, gram, gram, beta=c, alpha=d)
         inner.diagonal(dim1=-2, dim2=-1).add_(b)
         q = gram @ inner
         q.diagonal(dim1=-2, dim2=-1).add_(a)
         rows = rows @ q
+        if final == "trace" and step == iterations - 1:
+            return (gram @ q).mul_(q).sum((-2, -1)), rows
         gram = gram @ (q @ q)
+    if final == "trace":
+        return torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1), rows
     return gram, rows
 
 
@@ -404,11 +419,10 @@ def ns_gram_apply(
         positive = sigma > 0
         scale = torch.where(positive, 1.0 / torch.where(positive, sigma, 1.0), 0.0)
         scale = scale.to(g.dtype).view(-1, 1, 1)
-        return gram_newton_schulz(g * scale.square(), coeffs, iterations, u * scale)
+        return gram_newton_schulz(g * scale.square(), coeffs, iterations, u * scale, final="trace")
 
-    gram_n, out = run(gram, rows, sigma1)
+    trace, out = run(gram, rows, sigma1)
     limit = table.domain[1] ** 2 * gram.shape[-1]
-    trace = torch.diagonal(gram_n, dim1=-2, dim2=-1).sum(-1)
     bad = ~(trace <= limit) | ~torch.isfinite(out).flatten(1).all(1)  # (B,), NaN and inf too
     if bool(bad.any()):
         redo = gram[bad]
