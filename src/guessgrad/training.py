@@ -239,11 +239,13 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any], skip: tuple[str
     return ", ".join(f"{k} {stored.get(k)!r} there, {wanted.get(k)!r} here" for k in keys)
 
 
-def _check_stored_run(out: Path, config: TrainConfig, final: dict[str, Any] | None) -> None:
+def _check_stored_run(
+    out: Path, config: TrainConfig, final: dict[str, Any] | None, ckpt: dict[str, Any] | None
+) -> None:
     """Raise :class:`RunDirectoryConflict` if ``out``'s ``final.json`` (``final``) or
-    checkpoint belongs to another configuration.  A finished run counts as the same run on
-    any device (as its directory name says); a checkpoint resumes only on its own device,
-    whose random generators it holds."""
+    checkpoint (``ckpt``) belongs to another configuration.  A finished run counts as the same
+    run on any device (as its directory name says); a checkpoint resumes only on its own
+    device, whose random generators it holds."""
     wanted = config.to_dict()
     if final is not None:
         stored, as_stored = final.get("config"), json.loads(json.dumps(wanted))  # tuples: lists
@@ -254,15 +256,14 @@ def _check_stored_run(out: Path, config: TrainConfig, final: dict[str, Any] | No
                 "remove it or choose another output directory"
             )
         return
-    ckpt_path = out / "checkpoint.pt"
-    if not ckpt_path.exists():
+    if ckpt is None:
         return
-    stored = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("config")
+    stored = ckpt.get("config")
     diff = _differences(stored, wanted, ()) if isinstance(stored, dict) else ""
     if diff:
         raise RunDirectoryConflict(
             f"{out} holds an unfinished run of another configuration ({diff}); resume it with "
-            f"its own settings, or remove {ckpt_path} to start this one there"
+            f"its own settings, or remove {out / 'checkpoint.pt'} to start this one there"
         )
 
 
@@ -284,12 +285,14 @@ def train(
     """
     device = resolve_device(config.device)
     out = Path(out_dir) if out_dir is not None else None
+    final = ckpt = None
     if out is not None:
-        final = None
         if (out / "final.json").exists():
             with open(out / "final.json") as f:
                 final = json.load(f)
-        _check_stored_run(out, config, final)
+        elif (out / "checkpoint.pt").exists():  # loaded once: checked here, resumed below
+            ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+        _check_stored_run(out, config, final, ckpt)
         if final is not None:
             return final
     data = (data if data is not None else mnist1d()).to(device)
@@ -317,9 +320,7 @@ def train(
     record["sessions"] = [_session(record, 0)]
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        ckpt_path = out / "checkpoint.pt"
-        if ckpt_path.exists():
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if ckpt is not None:
             if ckpt.get("config") == config.to_dict():  # else a checkpoint without a config
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
