@@ -1,7 +1,7 @@
 # Two entry points: `make reproduce-quick` (the main job) and `make test`.
 # Each builds .venv from nothing: a CPU build of PyTorch 2.13 and the package with its
-# test tools (without compiling every module to bytecode up front, which took half of the
-# set-up: Python compiles what it imports, once).  PYTHON may name another interpreter (3.10+).
+# test tools, compiling to bytecode only the modules that get imported (compiling all of them
+# took half of the set-up; see WARM).  PYTHON may name another interpreter (3.10+).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,10 +9,21 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv reproduce-quick test bench lint
 
+# Python writes a module's bytecode when it first imports it, unless PYTHONDONTWRITEBYTECODE
+# is set (as in many containers): then every process compiles torch and the rest anew, 10-13 s
+# each on two cores.  So the set-up imports what the commands and tests import once, with
+# writing on (the bulk, torch._dynamo, while the package installs).  A failed warm-up only
+# costs that time later.
+WARM := PYTHONDONTWRITEBYTECODE= $(BIN)/python -W ignore -c
+WARM_MODULES := guessgrad.cli.__main__, guessgrad.bench, matplotlib.figure, mnist1d.data, \
+	scipy.sparse.linalg, pytest
+
 $(BIN)/guessgrad: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --no-compile "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]"
+	$(WARM) "import torch._dynamo" & \
+	$(BIN)/python -m pip install --quiet --no-compile -e ".[dev]" && wait
+	-$(WARM) "import $(WARM_MODULES)"
 	touch $(BIN)/guessgrad
 
 venv: $(BIN)/guessgrad
