@@ -21,10 +21,12 @@ from guessgrad.solvers.newton_schulz import (
     newton_schulz,
     ns_factor,
     ns_gram_apply,
+    ns_rows,
     ns_step_function,
     odd_polynomial,
     power_iteration_sigma1,
     power_sigma1,
+    q_bound,
     sigma_ratio,
 )
 
@@ -122,19 +124,53 @@ def test_gram_newton_schulz_is_the_matrix_polynomial(table, shape, set_index):
     gram, rows = gram_newton_schulz(x.mT @ x, coeffs, table.iterations, u @ x)
     torch.testing.assert_close(rows, u @ ref, rtol=0, atol=1e-10)
     torch.testing.assert_close(gram, ref.mT @ ref, rtol=0, atol=1e-10)
-    for n in (table.iterations, 1, 0):  # the trace alone: the same rows, bit for bit
-        full = gram_newton_schulz(x.mT @ x, coeffs, n, u @ x)
-        trace, same = gram_newton_schulz(x.mT @ x, coeffs, n, u @ x, final="trace")
-        assert torch.equal(same, full[1]) and trace.shape == (2,)
-        torch.testing.assert_close(
-            trace, full[0].diagonal(dim1=-2, dim2=-1).sum(-1), atol=1e-10, rtol=1e-12
-        )
+    for n in (table.iterations, 2, 1, 0):  # the last step on the rows alone
+        rows_n, ok = ns_rows(x.mT @ x, coeffs, n, u @ x, table.domain[1])
+        torch.testing.assert_close(rows_n, u @ newton_schulz(x, coeffs, n), rtol=0, atol=1e-10)
+        assert ok.tolist() == [True, True]
     same = gram_newton_schulz(x.mT @ x, coeffs, 0, u @ x)
     assert torch.equal(same[1], u @ x)
-    with pytest.raises(ValueError, match="final"):
-        gram_newton_schulz(x.mT @ x, coeffs, 1, u @ x, final="A")
     with pytest.raises(ValueError, match="rows"):
         gram_newton_schulz(x.mT @ x, coeffs, 1, torch.zeros(2, 3, n + 1).double())
+
+
+def test_q_bound_is_the_max_of_q_on_the_interval(table):
+    """q_bound = max |a + bλ + cλ² + dλ³| on [0, x_max²], against a fine grid."""
+    x_max = table.domain[1]
+    lam = torch.linspace(0.0, x_max**2, 400_001, dtype=torch.float64)
+    for a, b, c, d in [*table.coefficients, (2.0, -1.0, 0.0, 0.0), (0.5, 0.0, 0.0, 0.0)]:
+        grid = float((a + lam * (b + lam * (c + lam * d))).abs().max())
+        bound = q_bound((a, b, c, d), x_max)
+        assert grid <= bound <= grid + 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ns_rows_bounds_hold_inside_and_fail_outside(table, dtype):
+    """Every set keeps ``ok`` on spectra inside [0, x_max] (x_max itself, steep and flat,
+    rank-deficient, zero), in float32 too; spectra past x_max that blow up are flagged."""
+    gen = torch.Generator().manual_seed(21)
+    x_max = table.domain[1]
+    spectra = [
+        [x_max, x_max, 0.5, 0.0],
+        [1.0, 0.3, 0.01, 1e-4],
+        [0.999, 0.998, 0.997, 0.996],
+        [0.0, 0.0, 0.0, 0.0],
+    ]
+    x = torch.stack([with_singular_values(torch.tensor(v).double(), 7, 5, gen)[0] for v in spectra])
+    u = torch.randn(len(spectra), 2, 7, generator=gen, dtype=torch.float64)
+    for coeffs in table.coefficients:
+        g, r = (x.mT @ x).to(dtype), (u @ x).to(dtype)
+        assert bool(ns_rows(g, coeffs, table.iterations, r, x_max)[1].all())
+    low = coefficients_for(0.55, table)  # blows up just past x_max (see the doc's safety net)
+    far = x / 0.7
+    assert not bool(torch.isfinite(newton_schulz(far, low, table.iterations)).all())
+    ok = ns_rows(far.mT @ far, low, table.iterations, u @ far, x_max)[1]
+    assert ok.tolist() == [False, False, False, True]  # the zero matrix stays zero
+    # one step past x_max with a small trace: only the last step's growth can tell
+    one = with_singular_values(torch.tensor([2.0, 0.0, 0.0, 0.0]).double(), 7, 5, gen)[0]
+    assert float((one.mT @ one).trace()) <= x_max**2 * 5
+    ok = ns_rows((one.mT @ one)[None], low, 1, (u[:1] @ one), x_max)[1]
+    assert ok.tolist() == [False]
 
 
 def test_ns_gram_apply_is_the_factor_and_redoes_low_sigma(table):
