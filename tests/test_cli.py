@@ -115,6 +115,18 @@ def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatc
     assert main(["reproduce", *argv, "--jobs", "1"]) == 0  # everything is done already
 
 
+@pytest.mark.parametrize("command", [["report"], ["reproduce", "--report-only"]])
+def test_report_without_a_run_store_is_an_error(tmp_path: Path, capsys, command) -> None:
+    """A mistyped --out renders nothing and creates nothing (it used to write a table of
+    empty cells into a new directory)."""
+    out = tmp_path / "resluts"
+    assert main([command[0], "table3", *command[1:], "--out", str(out)]) == 2
+    stdout, err = capsys.readouterr()
+    assert stdout == "" and len(err.strip().splitlines()) == 1
+    assert "no run store" in err and str(out) in err
+    assert not out.exists()
+
+
 def test_bench_is_registered_only_when_available(monkeypatch) -> None:
     import importlib.util
 

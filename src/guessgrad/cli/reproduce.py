@@ -176,15 +176,27 @@ def _render(selections: list[Selection], out: Path, quiet: bool) -> None:
             print(f"(written to {out / s.experiment.name}/)\n")
 
 
+def _stored(out: Path, name: str) -> Path:
+    """``out``, if it holds a run store; a usage error otherwise (a mistyped ``--out`` would
+    render a table of empty cells into a new directory)."""
+    if not (out / "runs").is_dir():
+        raise UsageError(
+            f"no run store at {out} (no {out / 'runs'}/): nothing to render; "
+            f"`guessgrad reproduce {name} --out {out}` trains the runs first"
+        )
+    return out
+
+
 def run_report(args: argparse.Namespace) -> int:
-    _render(select(args), args.out, args.quiet)
+    selections = select(args)
+    _render(selections, _stored(args.out, args.experiment), args.quiet)
     return 0
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
     selections = select(args)
     if args.report_only:
-        _render(selections, args.out, args.quiet)
+        _render(selections, _stored(args.out, args.experiment), args.quiet)
         return 0
     device = device_name(args.device)
     unavailable = unavailable_methods(s.experiment for s in selections)
