@@ -115,6 +115,19 @@ def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatc
     assert main(["reproduce", *argv, "--jobs", "1"]) == 0  # everything is done already
 
 
+@pytest.mark.parametrize("command", [["train", "--width", "8"], ["reproduce", "table3"]])
+def test_an_unusable_out_is_one_line_and_status_2(tmp_path: Path, capsys, command) -> None:
+    """--out naming a file, or below one: an error before any work, not a traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, message in [(afile, "is a file"), (afile / "sub", "cannot create")]:
+        assert main([*command, "--epochs", "1", "--out", str(out)]) == 2
+        stdout, err = capsys.readouterr()
+        assert stdout == "" and len(err.strip().splitlines()) == 1
+        assert message in err and str(out) in err and "Traceback" not in err
+    assert afile.read_text() == ""
+
+
 @pytest.mark.parametrize("command", [["report"], ["reproduce", "--report-only"]])
 def test_report_without_a_run_store_is_an_error(tmp_path: Path, capsys, command) -> None:
     """A mistyped --out renders nothing and creates nothing (it used to write a table of

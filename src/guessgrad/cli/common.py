@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "device_name",
     "default_jobs",
     "set_threads",
+    "output_dir",
 ]
 
 
@@ -123,3 +125,17 @@ def default_jobs() -> int:
 def set_threads(threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def output_dir(path: Path, option: str = "--out") -> Path:
+    """``path``, created if missing; a :class:`UsageError` where it cannot be (a file there, a
+    parent that is a file or not writable) instead of a traceback halfway through a run."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file, not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create {option} {path}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path} is not writable")
+    return path

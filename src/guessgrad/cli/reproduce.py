@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..experiments import EXPERIMENTS, Experiment, plan, report, run_tasks, unavailable_methods
-from .common import UsageError, default_jobs, device_name, positive_int
+from .common import UsageError, default_jobs, device_name, output_dir, positive_int
 from .progress import SweepProgress
 
 __all__ = ["configure_parsers", "run_reproduce", "run_report", "Selection", "select"]
@@ -199,6 +199,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
         _render(selections, _stored(args.out, args.experiment), args.quiet)
         return 0
     device = device_name(args.device)
+    output_dir(args.out)
     unavailable = unavailable_methods(s.experiment for s in selections)
     if not args.quiet:
         for m, reason in unavailable.items():

@@ -23,6 +23,7 @@ from .common import (
     estimator_options,
     make_config,
     nonnegative_float,
+    output_dir,
     positive_float,
     positive_int,
     set_threads,
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         options=options,
     )
     set_threads(args.threads)
-    out = args.out if args.out is not None else Path("results") / "runs" / config.slug()
+    out = output_dir(args.out if args.out is not None else Path("results") / "runs" / config.slug())
     already = (out / "final.json").exists()
     data = mnist1d()
     steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
