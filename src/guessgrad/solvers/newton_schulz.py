@@ -284,8 +284,9 @@ def ns_rows(
     The first N − 1 steps are :func:`gram_newton_schulz`'s; the last one needs no A_N, so it
     applies q(A_{N−1}) to the rows alone, in Horner form
     v ← (((d v A + c v) A + b v) A + a v): three (c × r)·(r × r) products instead of three
-    r × r × r ones (of 4N − 1 in all: 16% of the work at N = 5).  The rows equal
-    :func:`gram_newton_schulz`'s up to rounding.
+    r × r × r ones (of 4N − 1 in all: 16% of the work at N = 5) for the guesses' single row
+    (c = 1); for the whole factor (c = m rows, diagnostics only) it costs 3·m·r² where forming
+    q took 2·r³ + m·r².  The rows equal :func:`gram_newton_schulz`'s up to rounding.
 
     While every normalised singular value stays in the invariant interval [0, x_max],
     tr(A_t) ≤ x_max²·r for every t and the last step lengthens no row more than
