@@ -289,6 +289,19 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     assert "; 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
 
 
+def test_report_names_the_hardware_with_its_instruction_set(tmp_path: Path) -> None:
+    """Runs recorded with the CPU kernels' instruction set show it; older records without it
+    still render."""
+    exp = EXPERIMENTS["table4"].restrict((128,))
+    cell = next(c for c in exp.cells if c.row.startswith("W̃ᵀ"))
+    cpu = {"cpu": "AMD EPYC", "torch_threads": 1, "device": "cpu"}
+    for seed, hw in enumerate([{**cpu, "cpu_capability": "AVX2"}, cpu]):
+        _store_final(tmp_path, cell, seed, 300, train_accuracy=0.3, hardware=hw)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    note = next(line for line in markdown.splitlines() if "Hardware of the stored runs" in line)
+    assert "AMD EPYC (AVX2), 1 torch thread(s), device cpu; AMD EPYC, 1 torch" in note
+
+
 def test_report_draws_learning_curves_of_finished_runs(tmp_path: Path) -> None:
     exp = EXPERIMENTS["table3"].restrict((64,))
     wt = next(c for c in exp.cells if c.col == "W̃ᵀ" and c.section == "")

@@ -78,6 +78,8 @@ def test_files_and_formats(data: MNIST1D, tmp_path: Path) -> None:
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["config"] == _config().to_dict()
     assert {"version", "git_commit", "git_modified", "device", "estimator", "hardware"} <= set(cfg)
+    capability = cfg["hardware"]["cpu_capability"]  # the kernels' instruction set: AVX2, …
+    assert capability == torch.backends.cpu.get_cpu_capability() and capability
     lines = _metrics(tmp_path / "metrics.jsonl")
     assert [line["epoch"] for line in lines] == [1, 2, 3]
     assert set(lines[0]) == {

@@ -154,9 +154,12 @@ def _cpu_model() -> str:
 
 
 def hardware(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Where a run is computed: CPU model, logical cores, torch threads, device (and GPU)."""
+    """Where a run is computed: CPU model, the vector instructions torch's CPU kernels use
+    (``AVX2``, ``AVX512``, …: they set the rounding, so the same seed can end a few thousandths
+    apart on two CPUs), logical cores, torch threads, device (and GPU)."""
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -229,7 +229,10 @@ def _run_notes(
             code[source] = code.get(source, 0) + 1
             hw = final.get("hardware") or {}
             if hw:
-                desc = f"{hw.get('cpu', '?')}, {hw.get('torch_threads', '?')} torch thread(s)"
+                cpu = hw.get("cpu", "?")
+                if hw.get("cpu_capability"):
+                    cpu += f" ({hw['cpu_capability']})"
+                desc = f"{cpu}, {hw.get('torch_threads', '?')} torch thread(s)"
                 desc += f", device {hw.get('device', final.get('device', '?'))}"
                 if hw.get("gpu"):
                     desc += f" ({hw['gpu']})"
