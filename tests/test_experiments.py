@@ -287,6 +287,15 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     _store_final(tmp_path, cells[0], 3, 300, train_accuracy=0.3, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2, 3], epochs=300)
     assert "; 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
+    # sessions with source digests: a new commit with the same package files is not named
+    digests = ("s1", "s1", "s2")
+    sessions = [{**s, "source_digest": d} for s, d in zip(sessions, digests, strict=True)]
+    sessions[1]["git_commit"] = "d" * 40
+    values = {**sessions[-1], "sessions": sessions}
+    _store_final(tmp_path, cells[0], 4, 300, train_accuracy=0.3, **values)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[4], epochs=300)
+    assert "9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
+    assert "ddddddd" not in markdown
 
 
 def test_report_names_the_hardware_with_its_instruction_set(tmp_path: Path) -> None:

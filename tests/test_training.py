@@ -20,6 +20,7 @@ from guessgrad.training import (
     atomic_write_json,
     git_revision,
     initial_model,
+    source_digest,
     train,
 )
 
@@ -119,9 +120,12 @@ def _interrupted(config: TrainConfig, out: Path, data: MNIST1D, after: int) -> N
         train(config, out_dir=out, data=data, on_epoch=stop)
 
 
-def _code(monkeypatch, commit: str, modified: bool) -> None:
-    """Make runs see the package at ``commit`` (``modified``: with changed files)."""
+def _code(monkeypatch, commit: str, modified: bool, source: str | None = None) -> None:
+    """Make runs see the package at ``commit`` (``modified``: with changed files) whose
+    source digest is ``source`` (default: one per commit and ``modified``)."""
     monkeypatch.setattr(training, "git_revision", lambda: (commit, modified))
+    digest = source if source is not None else f"{commit[:6]}{int(modified)}"
+    monkeypatch.setattr(training, "source_digest", lambda: digest)
 
 
 def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Path) -> None:
@@ -156,6 +160,55 @@ def test_a_resumed_run_records_each_session_and_warns_of_other_code(
     assert all(s["hardware"] == final["hardware"] for s in final["sessions"])
     first = json.loads((out / "config.json").read_text())
     assert first["git_commit"] == "a" * 40 and first["sessions"] == final["sessions"]
+
+
+def test_a_commit_that_leaves_the_package_alone_is_the_same_code(
+    data: MNIST1D, tmp_path: Path, monkeypatch
+) -> None:
+    """A run resumed after a commit that changed only files outside the package (same source
+    digest) does not warn, but its sessions keep both commits; the same commit with other
+    package files (another digest) warns."""
+    config, out = _config(epochs=3), tmp_path / "run"
+    _code(monkeypatch, "a" * 40, False, source="s1")
+    _interrupted(config, out, data, after=1)
+    _code(monkeypatch, "d" * 40, False, source="s1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _interrupted(config, out, data, after=2)
+    _code(monkeypatch, "d" * 40, True, source="s2")
+    with pytest.warns(UserWarning, match=r"epoch 2 .*ddddddd → \S+ ddddddd \+ modified"):
+        final = train(config, out_dir=out, data=data)
+    code = [(s["git_commit"][0], s["source_digest"]) for s in final["sessions"]]
+    assert code == [("a", "s1"), ("d", "s1"), ("d", "s2")]
+    assert final["source_digest"] == "s2"
+
+
+def test_source_digest_follows_the_package_files_only(tmp_path: Path) -> None:
+    package = tmp_path / "guessgrad"
+    (package / "solvers").mkdir(parents=True)
+    (package / "training.py").write_text("x = 1\n")
+    (package / "solvers" / "coefficients.json").write_text("[1]\n")
+    first = source_digest(package)
+    assert len(first) == 12 and first == source_digest(package)
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "training.cpython-311.pyc").write_bytes(b"\0")
+    (package / "solvers" / "x.pyc").write_bytes(b"\1")
+    (tmp_path / "README.md").write_text("outside\n")
+    assert source_digest(package) == first  # bytecode and files outside: no change
+    (package / "solvers" / "coefficients.json").write_text("[2]\n")
+    changed = source_digest(package)
+    assert changed != first
+    (package / "solvers" / "coefficients.json").rename(package / "coefficients.json")
+    assert source_digest(package) not in (first, changed)  # a moved file is other code
+    assert len(source_digest()) == 12  # the installed package itself
+
+
+def test_describe_code_names_the_digest_only_without_a_commit() -> None:
+    record = {"version": "0.1", "git_commit": "a" * 40, "source_digest": "3f9a0c1b2d4e"}
+    assert training.describe_code(record) == "0.1 aaaaaaa"
+    outside = {"version": "0.1", "git_commit": None, "source_digest": "3f9a0c1b2d4e"}
+    assert training.describe_code(outside) == "0.1 no commit, source 3f9a0c1"
+    assert training.describe_code({"version": "0.1"}) == "0.1 no commit"  # older records
 
 
 def test_a_checkpoint_without_sessions_takes_the_first_from_config_json(

@@ -3,8 +3,9 @@
 Every run is described by a :class:`TrainConfig`; :func:`train` writes
 
 - ``config.json``: every option, the package version, the git commit and whether the
-  package's files differed from it (:func:`git_revision`; null outside a checkout), the
-  device and the hardware (:func:`hardware`);
+  package's files differed from it (:func:`git_revision`; null outside a checkout), a digest
+  of the package's source files (:func:`source_digest`), the device and the hardware
+  (:func:`hardware`);
 - ``metrics.jsonl``: one line per epoch (``epoch``, ``train_loss``, ``train_accuracy``,
   ``test_accuracy``, ``wall_seconds``);
 - ``checkpoint.pt``: model, optimizer, estimator state and RNG states after the last
@@ -14,8 +15,9 @@ Every run is described by a :class:`TrainConfig`; :func:`train` writes
 
 A run resumed from its checkpoint appends to ``sessions`` (in ``config.json``, the checkpoint
 and ``final.json``) the epoch it resumed at and the code and hardware that ran from there on,
-and warns when the code differs from the session before: ``final.json``'s top-level
-``git_commit`` is the last session's.
+and warns when the code differs from the session before (:func:`same_code`: the source
+digest, so a commit that changes only files outside the package is no change):
+``final.json``'s top-level ``git_commit`` is the last session's.
 
 Seeding: the initial weights depend on ``seed`` alone (not on the method), so every run is a
 same-init twin of the backprop run with the same seed.  Batch order and guesses have their
@@ -57,6 +59,8 @@ __all__ = [
     "resolve_device",
     "atomic_write_json",
     "describe_code",
+    "same_code",
+    "source_digest",
 ]
 
 
@@ -199,6 +203,27 @@ def git_revision(where: Path | None = None) -> tuple[str | None, bool | None]:
     return head.stdout.strip() or None, modified
 
 
+def source_digest(where: Path | None = None) -> str:
+    """SHA-256 (first 12 hex digits) of the package's own files: every file under the package
+    folder but compiled bytecode, each with its relative path, in sorted order.
+
+    It identifies the code that ran whether or not it comes from a git checkout, and two
+    commits that differ only outside the package (documentation, tests) give the same digest.
+    ``where`` (a package folder) is for tests.
+    """
+    root = where if where is not None else Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+    )
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON so that readers see the old file or the whole new one, never a part.
 
@@ -314,6 +339,7 @@ def train(
         "version": __version__,
         "git_commit": commit,
         "git_modified": modified,
+        "source_digest": source_digest(),
         "device": str(device),
         "torch": torch.__version__,
         "estimator": repr(estimator),
@@ -404,15 +430,29 @@ def train(
 
 
 #: the fields of a run's record that say which code and hardware ran it
-_SESSION_KEYS = ("version", "git_commit", "git_modified", "torch", "device", "hardware")
+_SESSION_KEYS = (
+    "version",
+    "git_commit",
+    "git_modified",
+    "source_digest",
+    "torch",
+    "device",
+    "hardware",
+)
 
 
 def _session(record: dict[str, Any], from_epoch: int) -> dict[str, Any]:
     return {"from_epoch": from_epoch, **{k: record.get(k) for k in _SESSION_KEYS}}
 
 
-def _code_of(session: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(session.get(k) for k in ("version", "git_commit", "git_modified"))
+def same_code(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two runs' records or sessions ran the same code: the same version and source
+    digest; for records written before runs had a digest, the same commit and ``modified``."""
+    if a.get("source_digest") and b.get("source_digest"):
+        keys: tuple[str, ...] = ("version", "source_digest")
+    else:
+        keys = ("version", "git_commit", "git_modified")
+    return all(a.get(k) == b.get(k) for k in keys)
 
 
 def _resumed_sessions(
@@ -428,7 +468,7 @@ def _resumed_sessions(
         except (OSError, ValueError):
             earlier = []
     now = _session(record, epoch)
-    if earlier and _code_of(earlier[-1]) != _code_of(now):
+    if earlier and not same_code(earlier[-1], now):
         warnings.warn(
             f"{out}: resuming at epoch {epoch} with other code than the epochs before it "
             f"({describe_code(earlier[-1])} → {describe_code(now)}); final.json's "
@@ -440,9 +480,11 @@ def _resumed_sessions(
 
 def describe_code(record: dict[str, Any]) -> str:
     """``0.1.0 1ce2447`` for a run's record or session (``+ modified files`` where the package
-    differed from the commit; ``no commit`` outside a checkout)."""
-    commit = record.get("git_commit")
-    text = f"{record.get('version', '?')} " + (commit[:7] if commit else "no commit")
+    differed from the commit; outside a checkout ``no commit``, with the source digest where
+    the record has one: ``0.1.0 no commit, source 3f9a0c1``)."""
+    commit, digest = record.get("git_commit"), record.get("source_digest")
+    where = commit[:7] if commit else "no commit" + (f", source {digest[:7]}" if digest else "")
+    text = f"{record.get('version', '?')} {where}"
     return text + (" + modified files" if record.get("git_modified") else "")
 
 

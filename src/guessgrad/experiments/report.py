@@ -19,7 +19,7 @@ from typing import Any
 
 from .. import __version__
 from ..curves import draw_curves, read_metrics
-from ..training import atomic_write_json, describe_code
+from ..training import atomic_write_json, describe_code, same_code
 from .runner import RunStore
 from .spec import Cell, Experiment, Method, OverlapFigure, TradeoffFigure, WidthFigure
 
@@ -337,15 +337,17 @@ def unfinished_runs(
 
 def _code_label(final: dict[str, Any]) -> str:
     """The code a stored run was trained with (:func:`guessgrad.training.describe_code`); for a
-    run resumed with other code, each version with the epoch it took over at:
-    ``0.1.0 1ce2447 → 0.1.0 9aa0302 (from epoch 67)``."""
+    run resumed with other code (:func:`guessgrad.training.same_code`), each version with the
+    epoch it took over at: ``0.1.0 1ce2447 → 0.1.0 9aa0302 (from epoch 67)``.  A session that
+    ran the same code as the one before it is not named, whatever its commit."""
     labels: list[str] = []
-    previous = None
+    previous: dict[str, Any] | None = None
     for s in final.get("sessions") or [final]:
-        label = describe_code(s)
-        if label != previous:
-            labels.append(label if previous is None else f"{label} (from epoch {s['from_epoch']})")
-        previous = label
+        if previous is None:
+            labels.append(describe_code(s))
+        elif not same_code(previous, s):
+            labels.append(f"{describe_code(s)} (from epoch {s['from_epoch']})")
+        previous = s
     return " → ".join(labels)
 
 
