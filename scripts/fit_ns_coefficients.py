@@ -1,4 +1,4 @@
-"""Fit the odd degree-7 Newton–Schulz polynomials of the W̃⊥-NS guess (PAPER.md §2.6).
+"""Fit the odd degree-7 Newton–Schulz polynomials of the W̃⊥-NS guess (paper §2.6).
 
 For each threshold t ∈ {0.1, 0.2, …, 0.9} this fits p(x) = a x + b x³ + c x⁵ + d x⁷ so that
 the N = 5 fold composition f = p∘p∘p∘p∘p is a step on the normalised singular values:
@@ -57,9 +57,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-#: the bins of PAPER.md §2.6: one coefficient set per σ_k/σ_1 ∈ {0.1, …, 0.9}
+#: the bins of the paper's §2.6: one coefficient set per σ_k/σ_1 ∈ {0.1, …, 0.9}
 THRESHOLDS = tuple(round(0.1 * j, 1) for j in range(1, 10))
-#: PAPER.md §2.6: degree-7 odd polynomial, applied N = 5 times
+#: the paper's §2.6: degree-7 odd polynomial, applied N = 5 times
 DEGREE = 7
 ITERATIONS = 5
 #: band half-width δ_t = min(BAND_RELATIVE · t, BAND_ABSOLUTE); the band is (t − 2δ_t, t)

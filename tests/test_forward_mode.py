@@ -1,7 +1,7 @@
 """Deterministic exactness of the forward-mode pass against reverse-mode autograd.
 
 For every estimator the tangent pass returns d_b = Σ_i g_i^b · v_i^b with g_i^b = ∂(CE_b/B)/∂s_i^b
-and v_i^b the tangent injected at layer i (PAPER.md §2, "How one step works").  These tests
+and v_i^b the tangent injected at layer i (paper §2, "How one step works").  These tests
 rebuild d from autograd (reverse mode, and torch.func's forward mode) for the very tangents the
 estimator injected, then check the gradient estimate assembled from it.
 """

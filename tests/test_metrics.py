@@ -1,4 +1,4 @@
-"""Deterministic checks of the metrics (PAPER.md §3) against closed forms and references."""
+"""Deterministic checks of the metrics (paper §3) against closed forms and references."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ def test_mlp_structure():
 
 
 def test_mlp_initialisation():
-    """PyTorch's default weights (uniform in ±1/sqrt(fan_in)) and zero biases (PAPER.md §4)."""
+    """PyTorch's default weights (uniform in ±1/sqrt(fan_in)) and zero biases (paper §4)."""
     torch.manual_seed(0)
     model = guessgrad.MLP([40, 128, 10])
     for layer in guessgrad.linear_layers(model):

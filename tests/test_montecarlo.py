@@ -1,4 +1,4 @@
-"""Monte-Carlo laws of the estimators (PAPER.md §1–§3).
+"""Monte-Carlo laws of the estimators (paper §1–§3).
 
 For a Gaussian guess y ~ N(0, C) and d = Σ_j g_j·y_j over all layers j:
 

@@ -1,4 +1,4 @@
-"""The Newton–Schulz core of W̃⊥-NS (PAPER.md §2.6): the matrix polynomial acts on singular
+"""The Newton–Schulz core of W̃⊥-NS (paper §2.6): the matrix polynomial acts on singular
 values as its scalar definition, the shipped fit is the step it documents, and the σ_1, σ_k/σ_1
 and factor helpers agree with dense references."""
 

@@ -53,7 +53,7 @@ def test_initial_weights_depend_on_the_seed_alone() -> None:
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
     assert not torch.equal(a[0].weight, c[0].weight)
-    assert torch.equal(a[0].bias, torch.zeros_like(a[0].bias))  # PAPER.md §4: zero biases
+    assert torch.equal(a[0].bias, torch.zeros_like(a[0].bias))  # paper §4: zero biases
 
 
 def test_initial_model_leaves_the_global_rng_alone() -> None:

@@ -1,6 +1,6 @@
 """Per-example upstream Jacobians W̃_b, applied matrix-free.
 
-PAPER.md §2.3: by the chain rule the pre-activation gradient of hidden layer i is
+Paper §2.3: by the chain rule the pre-activation gradient of hidden layer i is
 
     g_i^b = M_i^b W_{i+1}ᵀ g_{i+1}^b = W̃_bᵀ g_{i+1}^b,     W̃_b = W_{i+1} M_i^b,
 

@@ -1,4 +1,4 @@
-"""Bias, variance, covariance norm, overlap and alignment of an estimator (PAPER.md §3).
+"""Bias, variance, covariance norm, overlap and alignment of an estimator (paper §3).
 
 For hidden layer i, with g_b = ∂L/∂s_i^b from backprop (L the batch-mean loss), the guess
 covariance C_b = Cov(y_i^b) and the estimate ĝ_b = d_b y_i^b:
@@ -120,7 +120,7 @@ def diagnose(
     k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> list[LayerDiagnostics]:
-    """Statistics of ``est`` on one batch, one record per hidden layer (PAPER.md §3).
+    """Statistics of ``est`` on one batch, one record per hidden layer (paper §3).
 
     Args:
         model, x, y: the network and batch, as for ``est.estimate``.

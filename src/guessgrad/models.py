@@ -1,6 +1,6 @@
 """Models the estimators understand, and the check that a model is one of them.
 
-PAPER.md §1: a ReLU MLP with layers i = 1..l,
+Paper §1: a ReLU MLP with layers i = 1..l,
 
     s_i = W_i x_i + b_i,    x_{i+1} = ReLU(s_i),
 
@@ -26,7 +26,7 @@ _SUPPORTED = (
 def MLP(widths: Sequence[int], bias: bool = True) -> nn.Sequential:  # noqa: N802 - a model constructor
     """ReLU MLP ``widths[0] -> widths[1] -> ... -> widths[-1]``.
 
-    PyTorch's default initialisation for the weights; biases start at zero (PAPER.md §4).
+    PyTorch's default initialisation for the weights; biases start at zero (paper §4).
 
     Args:
         widths: layer widths, input first and number of classes last; at least two entries.

@@ -1,4 +1,4 @@
-"""Training a model with any estimator and a ``torch.optim`` optimizer (PAPER.md §4 setup).
+"""Training a model with any estimator and a ``torch.optim`` optimizer (paper §4 setup).
 
 Every run is described by a :class:`TrainConfig`; :func:`train` writes
 
@@ -66,7 +66,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Defaults are PAPER.md §4.
+    """One training run. Defaults are paper §4.
 
     ``options`` are extra estimator constructor options (e.g. ``{"k": 10, "solver": "svd"}``).
     """

@@ -1,5 +1,5 @@
 """``guessgrad diagnose``: an estimator's bias, variance, cov. norm, overlap and cosine per
-hidden layer (PAPER.md §3) on a batch of MNIST-1D, at initialisation or on saved weights."""
+hidden layer (paper §3) on a batch of MNIST-1D, at initialisation or on saved weights."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "diagnose",
         help="bias, variance, cov. norm, overlap of an estimator per hidden layer",
-        description="Statistics of an estimator (PAPER.md §3) on the first --batch training "
+        description="Statistics of an estimator (paper §3) on the first --batch training "
         "examples, at the seed's initial weights or on --checkpoint.",
     )
     add_estimator_options(p, default_method="w-perp")

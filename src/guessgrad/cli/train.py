@@ -1,4 +1,4 @@
-"""``guessgrad train``: one training run with the PAPER.md §4 defaults.
+"""``guessgrad train``: one training run with the defaults of the paper's §4.
 
 Writes ``config.json``, ``metrics.jsonl`` and, at the end, ``final.json`` and the learning
 curves ``curves.png`` into ``--out``
@@ -39,7 +39,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train one MLP on MNIST-1D with an estimator",
-        description="Train one MLP on MNIST-1D (PAPER.md §4 defaults) with a gradient estimator.",
+        description="Train one MLP on MNIST-1D (paper §4 defaults) with a gradient estimator.",
     )
     add_estimator_options(p, default_method=_DEFAULTS.method)
     p.add_argument(

@@ -1,4 +1,4 @@
-"""MNIST-1D (Greydanus 2020), generated offline and cached on disk (PAPER.md §4).
+"""MNIST-1D (Greydanus 2020), generated offline and cached on disk (paper §4).
 
 The ``mnist1d`` package's generator with its default arguments: 5000 samples, 80/20 split
 into 4000 train and 1000 test, 40 features, 10 classes, generation seed 42.  The data are

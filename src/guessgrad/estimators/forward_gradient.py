@@ -1,6 +1,6 @@
-"""Forward-gradient estimators that guess the pre-activation gradients (PAPER.md §2.2–2.7).
+"""Forward-gradient estimators that guess the pre-activation gradients (paper §2.2–2.7).
 
-One step (PAPER.md §2, "How one step works"): draw one guess y_i^b per layer and example,
+One step (paper §2, "How one step works"): draw one guess y_i^b per layer and example,
 run one forward pass that adds every y_i to the tangent of s_i, read off d_b, and set
 
     ĝ_i^b = d_b y_i^b,    est(∂L/∂W_i) = Σ_b ĝ_i^b x_i^bᵀ,    est(∂L/∂b_i) = Σ_b ĝ_i^b.
@@ -90,7 +90,7 @@ class ForwardGradient(Estimator):
 
 
 class ActivationPerturbation(ForwardGradient):
-    """Activation perturbation (Ren et al. 2023; PAPER.md §2.2): y_i^b ~ N(0, I). Unbiased."""
+    """Activation perturbation (Ren et al. 2023; paper §2.2): y_i^b ~ N(0, I). Unbiased."""
 
     name = "activation-perturbation"
 
@@ -102,7 +102,7 @@ class ActivationPerturbation(ForwardGradient):
 
 
 class WTranspose(ForwardGradient):
-    """W̃ᵀ (Singhal et al. 2023; PAPER.md §2.3): y = W̃_bᵀ ε, W̃_b = W_{i+1} M_i^b. Biased."""
+    """W̃ᵀ (Singhal et al. 2023; paper §2.3): y = W̃_bᵀ ε, W̃_b = W_{i+1} M_i^b. Biased."""
 
     name = "w-transpose"
 
@@ -114,7 +114,7 @@ class WTranspose(ForwardGradient):
 
 
 class WPerp(ForwardGradient):
-    """W̃⊥ (PAPER.md §2.4, the paper's method; §2.5 with ``subspace="bottom"``).
+    """W̃⊥ (paper §2.4, the paper's method; §2.5 with ``subspace="bottom"``).
 
     y_b = V_k z_b, z_b ~ N(0, I_k), V_k the top-k (or bottom-k) right singular vectors of
     W̃_b; Cov(y_b) = V_k V_kᵀ.  See :class:`~guessgrad.guesses.WPerpGuess` for the options and
@@ -157,7 +157,7 @@ class WPerp(ForwardGradient):
 
 
 class WPrecond(ForwardGradient):
-    """W̃P (PAPER.md §2.7): y = (W̃_σᵀW̃_σ)^{-1/2} W̃_σᵀ ε, the unbiased control.
+    """W̃P (paper §2.7): y = (W̃_σᵀW̃_σ)^{-1/2} W̃_σᵀ ε, the unbiased control.
 
     Args:
         sigma: σ of W̃_σ = U (Λ² + σI)^{1/2} Vᵀ (paper: 1e-5).

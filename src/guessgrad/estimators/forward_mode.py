@@ -1,6 +1,6 @@
 """One forward pass that carries a single tangent, with guesses injected at every layer.
 
-PAPER.md §2 ("How one step works"): the tangent of s_i gains the guess of layer i on top
+Paper §2 ("How one step works"): the tangent of s_i gains the guess of layer i on top
 of what flows in from earlier layers through W_i and the ReLU masks,
 
     ṡ_i = W_i ẋ_i + v_i,    ẋ_{i+1} = M_i ṡ_i,    ẋ_1 = 0,

@@ -1,4 +1,4 @@
-"""Weight perturbation (Baydin et al. 2022; PAPER.md §2.1).
+"""Weight perturbation (Baydin et al. 2022; paper §2.1).
 
 One matrix V_i ~ N(0, I) shaped like W_i (and v_i ~ N(0, I) shaped like b_i) per layer and
 step, shared by the whole batch.  The tangent of s_i gains V_i x_i + v_i, the forward pass

@@ -4,7 +4,7 @@ Both are taken on a fixed batch, the first ``batch`` training examples, at the r
 weights (``when="init"``, rebuilt from the seed: no training needed) or at its final weights
 (``when="final"``, ``model.pt`` of a finished run).
 
-Overlap (PAPER.md Eq. 19) for every k at once: with the reduced SVD W̃_b = U Λ Vᵀ (singular
+Overlap (paper Eq. 19) for every k at once: with the reduced SVD W̃_b = U Λ Vᵀ (singular
 values in decreasing order, r = min(m, n) of them) and c_b = Vᵀ g_b,
 
     overlap(k) = mean_b  Σ_{j≤k} c_{b,j}² / ‖g_b‖²,      k = 1..r,

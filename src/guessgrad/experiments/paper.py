@@ -1,4 +1,4 @@
-"""The paper's published numbers and its experiments, as data (PAPER.md §5).
+"""The paper's published numbers (its tables) and its experiments, as data.
 
 Source: D. Wang, E. Markou, D. Campbell, "Towards Scalable Backpropagation-Free Gradient
 Estimation", arXiv 2511.03110.  Every table and figure of §5 becomes an :class:`Experiment`:
@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------
-# Published numbers (PAPER.md §5), keyed by the labels used below.
+# The paper's published numbers, keyed by the labels used below.
 
 #: Table 1: train accuracy after 300 epochs vs k, width 128
 TABLE1: dict[str, float] = {

@@ -65,7 +65,7 @@ class Method:
         return not {self.key(), self.name}.isdisjoint(names)
 
     def config(self, *, width: int, seed: int, epochs: int, device: str = "cpu") -> TrainConfig:
-        """The PAPER.md §4 training run of this method (3 hidden layers, AdamW defaults)."""
+        """The paper §4 training run of this method (3 hidden layers, AdamW defaults)."""
         return TrainConfig(
             method=self.name,
             width=width,
@@ -115,7 +115,7 @@ class Cell:
     Attributes:
         section: which table of the experiment the cell belongs to ("" = the main one).
         row, col: the labels it is shown under.
-        paper: the published value (PAPER.md §5), if any.
+        paper: the published value (the paper's tables), if any.
     """
 
     row: str

@@ -1,4 +1,4 @@
-"""Guess directions for the pre-activation gradient of one layer (PAPER.md §2)."""
+"""Guess directions for the pre-activation gradient of one layer (paper §2)."""
 
 from .base import Guess, Site, gaussian
 from .isotropic import IsotropicGuess

@@ -1,6 +1,6 @@
 """What a guess is: a random direction for one layer's pre-activation gradient.
 
-PAPER.md §2: for layer i and example b a guess y_i^b ∈ R^{d_{i+1}} is drawn, the forward
+Paper §2: for layer i and example b a guess y_i^b ∈ R^{d_{i+1}} is drawn, the forward
 pass returns d_b = Σ_i g_i^b · y_i^b (g_i^b = dL/ds_i^b), and ĝ_i^b = d_b y_i^b estimates
 g_i^b.  If y ~ N(0, C) then E[ĝ] = C g (bias (C − I) g), so a guess is characterised by
 its sampler and its covariance C_b, which the metrics need exactly.

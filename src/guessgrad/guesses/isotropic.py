@@ -1,4 +1,4 @@
-"""Activation perturbation (Ren et al. 2023; PAPER.md §2.2): y_b ~ N(0, I)."""
+"""Activation perturbation (Ren et al. 2023; paper §2.2): y_b ~ N(0, I)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The W̃⊥ guess (PAPER.md §2.4) and its bottom-k control (§2.5).
+"""The W̃⊥ guess (paper §2.4) and its bottom-k control (§2.5).
 
 With the SVD W̃_b = U Λ Vᵀ and V_k the right singular vectors of the k largest singular
 values, the paper guesses
@@ -77,7 +77,7 @@ __all__ = ["WPerpGuess", "SOLVERS"]
 
 #: solver names accepted by ``WPerpGuess``
 SOLVERS = ("svd", "subspace", "newton-schulz")
-#: steps between two σ_k/σ_1 estimates of the Newton–Schulz solver (PAPER.md §2.6)
+#: steps between two σ_k/σ_1 estimates of the Newton–Schulz solver (paper §2.6)
 NS_REFRESH = 50
 #: examples whose Newton–Schulz Gram matrices are iterated together (grouped by active count)
 NS_GROUP = 64

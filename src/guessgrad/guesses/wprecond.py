@@ -1,4 +1,4 @@
-"""The W̃P guess: preconditioned W̃ᵀ, the paper's unbiased control (PAPER.md §2.7).
+"""The W̃P guess: preconditioned W̃ᵀ, the paper's unbiased control (paper §2.7).
 
 With the reduced SVD W̃_b = U Λ Vᵀ (r = min(m, n) singular values) and
 W̃_σ = U (Λ² + σI)^{1/2} Vᵀ, the paper guesses

@@ -1,4 +1,4 @@
-"""The W̃ᵀ guess (Singhal et al. 2023; PAPER.md §2.3).
+"""The W̃ᵀ guess (Singhal et al. 2023; paper §2.3).
 
     y_b = W̃_bᵀ ε_b,    W̃_b = W_{i+1} M_i^b,    ε_b ~ N(0, I_{d_{i+2}}),
 

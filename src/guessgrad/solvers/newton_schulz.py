@@ -1,6 +1,6 @@
 """Newton–Schulz polynomials that turn W̃_b into ≈ U_k V_kᵀ: the numerical core of W̃⊥-NS.
 
-PAPER.md §2.6: normalise W̃_b = U Λ Vᵀ (m × n) to unit spectral norm, X = W̃_b / σ_1, and apply
+Paper §2.6: normalise W̃_b = U Λ Vᵀ (m × n) to unit spectral norm, X = W̃_b / σ_1, and apply
 the odd degree-7 polynomial
 
     p(x) = a x + b x³ + c x⁵ + d x⁷
@@ -95,7 +95,7 @@ Coefficients = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class NSCoefficients:
-    """One fitted coefficient set per threshold t (PAPER.md §2.6), as read from the JSON.
+    """One fitted coefficient set per threshold t (paper §2.6), as read from the JSON.
 
     Attributes:
         degree: degree of p (7).
@@ -155,7 +155,7 @@ def load_coefficients(path: str | os.PathLike | None = None) -> NSCoefficients:
 
 
 def coefficients_for(sigma_ratio: float, table: NSCoefficients) -> Coefficients:
-    """(a, b, c, d) of the bin floor(10·σ_k/σ_1), clamped to 1..9 (PAPER.md §2.6, code).
+    """(a, b, c, d) of the bin floor(10·σ_k/σ_1), clamped to 1..9 (paper §2.6, authors' code).
 
     ``sigma_ratio`` = σ_k/σ_1.  Ratios below 0.1 use the t = 0.1 set, 1.0 uses t = 0.9.
     """

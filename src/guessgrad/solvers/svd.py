@@ -1,6 +1,6 @@
 """Exact right-singular subspaces of W̃_b by batched SVD: the reference solver.
 
-PAPER.md §2.4: with the SVD W̃_b = U Λ Vᵀ, W̃⊥ guesses in span(V_k), the right singular
+Paper §2.4: with the SVD W̃_b = U Λ Vᵀ, W̃⊥ guesses in span(V_k), the right singular
 vectors of the k largest singular values; §2.5 (W̃⊥-bottom) uses the k smallest.  This is
 the paper's own (slow) construction, one SVD per example.
 """
@@ -59,7 +59,7 @@ def numerical_rank(sv: Tensor, shape: tuple[int, int]) -> Tensor:
 def rank_right_singular(w: Tensor) -> Tensor:
     """All right singular vectors with nonzero singular value, zero rows elsewhere.
 
-    k = rank(W̃_b) chosen per example (PAPER.md Table 1's "k = rank"): the guess spans the
+    k = rank(W̃_b) chosen per example (paper Table 1's "k = rank"): the guess spans the
     whole row space of W̃_b, which contains g_b, so the guess is unbiased.  ``(B, min(m, n), n)``.
     """
     _, sv, vh = torch.linalg.svd(w, full_matrices=False)
