@@ -9,6 +9,7 @@ import pytest
 
 import guessgrad.experiments.runner as runner
 from guessgrad.cli import build_parser, main
+from guessgrad.cli.reproduce import select
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,9 +100,11 @@ def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatc
     assert main(["reproduce", *argv, "--jobs", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| 64 |" in out and "(0.268, " in out  # our value beside the paper's
-    table = tmp_path / "table3" / "table.md"
-    assert table.exists() and (tmp_path / "table3" / "fig2.png").exists()
-    summary = json.loads((tmp_path / "table3" / "summary.json").read_text())
+    folder = tmp_path / "table3_w64_seeds0_e1"  # the options that narrow the table, named
+    assert f"(written to {folder}/)" in out
+    table = folder / "table.md"
+    assert table.exists() and (folder / "fig2.png").exists()
+    summary = json.loads((folder / "summary.json").read_text())
     assert all(c["n"] == 1 for c in summary["cells"] if c["width"] == 64)
     assert len(list((tmp_path / "runs").iterdir())) == 5
 
@@ -113,6 +116,33 @@ def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatc
     assert table.read_text() == before
     assert main(["reproduce", *argv, "--report-only"]) == 0
     assert main(["reproduce", *argv, "--jobs", "1"]) == 0  # everything is done already
+
+    # the full table goes elsewhere and leaves the narrowed one alone
+    assert main(["report", "table3", "--out", str(tmp_path), "--quiet"]) == 0
+    assert (tmp_path / "table3" / "table.md").read_text() != before
+    assert table.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "folders"),
+    [
+        (["table3"], ["table3"]),
+        (["table3", "--seeds", "3", "--epochs", "300"], ["table3"]),  # the defaults: no tag
+        (["table3", "--quick"], ["table3_quick"]),
+        (["table3", "--quick", "--seeds", "1"], ["table3_quick"]),
+        (["table4", "--widths", "512", "--methods", "w-perp-ns"], ["table4_w512_w-perp-ns"]),
+        (["table1", "--seeds", "0,3", "--epochs", "20"], ["table1_seeds0-3_e20"]),
+        (["all", "--quick", "--widths", "128"], None),
+    ],
+)
+def test_each_selection_has_its_own_folder(argv, folders) -> None:
+    args = build_parser().parse_args(["report", *argv])
+    names = [s.folder for s in select(args)]
+    if folders is None:  # every experiment, each with the same tags
+        assert names and all(n.endswith("_quick_w128") for n in names)
+        assert len(set(names)) == len(names)
+    else:
+        assert names == folders
 
 
 @pytest.mark.parametrize("command", [["train", "--width", "8"], ["reproduce", "table3"]])

@@ -84,9 +84,26 @@ def test_unknown_estimator_name(name):
         guessgrad.make_estimator(name)
 
 
-def test_unknown_option_is_a_value_error():
-    with pytest.raises(ValueError, match="bad options for estimator 'backprop'.*'k'"):
-        guessgrad.make_estimator("backprop", k=3)
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("backprop", {"k": 3}, r"'backprop' has no option 'k' \(it takes no options\)"),
+        ("w-perp", {"sigma": 1e-3}, r"'w-perp' has no option 'sigma' \(its options: k, subspace,"),
+        # the name fixes the solver (or the subspace): not an option there
+        ("w-perp-ns", {"solver": "svd"}, r"'w-perp-ns' has no option 'solver' \(its options: k,"),
+        ("w-perp-bottom", {"subspace": "top"}, r"no option 'subspace' \(its options: k, solver"),
+    ],
+)
+def test_an_option_the_estimator_does_not_take_names_those_it_does(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        guessgrad.make_estimator(name, **options)
+
+
+def test_every_listed_option_is_taken():
+    """The options an error message lists are the ones the estimator accepts."""
+    assert isinstance(guessgrad.make_estimator("w-perp-ns", k=5, depth=2), guessgrad.WPerp)
+    assert guessgrad.make_estimator("w-perp-bottom", k=3, solver="svd").options()["k"] == 3
+    assert guessgrad.make_estimator("w-precond", sigma=1e-3, solver="closed-form")
 
 
 # ---------------------------------------------------------------- shared contract

@@ -2,8 +2,12 @@
 
 ``reproduce`` computes whatever the experiment's tables and figures lack in the run store
 ``OUT/runs/`` (finished runs are never recomputed; interrupted ones resume), then writes
-``OUT/<experiment>/table.md``, ``summary.json`` and the figures, and prints the tables.
+``OUT/<folder>/table.md``, ``summary.json`` and the figures, and prints the tables.
 ``report`` (or ``reproduce --report-only``) only renders from the stored runs.
+
+The folder is the experiment's name for its full table, with a tag for each option that
+narrows or changes it (:func:`folder_name`: ``table3_quick``, ``table4_w512_w-perp-ns``), so
+that a quick or partial table never overwrites the full one, nor the full one a quick one.
 """
 
 from __future__ import annotations
@@ -18,7 +22,14 @@ from ..experiments import EXPERIMENTS, Experiment, plan, report, run_tasks, unav
 from .common import UsageError, default_jobs, device_name, output_dir, positive_int
 from .progress import SweepProgress
 
-__all__ = ["configure_parsers", "run_reproduce", "run_report", "Selection", "select"]
+__all__ = [
+    "configure_parsers",
+    "run_reproduce",
+    "run_report",
+    "Selection",
+    "select",
+    "folder_name",
+]
 
 
 def _seed_list(text: str) -> list[int]:
@@ -113,6 +124,33 @@ class Selection:
     experiment: Experiment
     seeds: tuple[int, ...]
     epochs: int
+    folder: str
+
+
+def folder_name(
+    name: str,
+    *,
+    quick: bool = False,
+    widths: tuple[int, ...] = (),
+    methods: tuple[str, ...] = (),
+    seeds: tuple[int, ...] | None = None,
+    epochs: int | None = None,
+) -> str:
+    """Where an experiment's table goes: ``name``, then ``_quick``, ``_w64-128`` (widths),
+    ``_w-perp+w-transpose`` (methods), ``_seeds0-3`` and ``_e20`` for the options given (seeds
+    and epochs only where they differ from the experiment's own)."""
+    parts = [name]
+    if quick:
+        parts.append("quick")
+    if widths:
+        parts.append("w" + "-".join(map(str, widths)))
+    if methods:
+        parts.append("+".join(methods))
+    if seeds is not None:
+        parts.append("seeds" + "-".join(map(str, seeds)))
+    if epochs is not None:
+        parts.append(f"e{epochs}")
+    return "_".join(parts)
 
 
 def select(args: argparse.Namespace) -> list[Selection]:
@@ -155,7 +193,16 @@ def select(args: argparse.Namespace) -> list[Selection]:
             exp = kept
         else:
             seeds = tuple(args.seeds) if args.seeds else tuple(range(exp.seeds))
-            out.append(Selection(exp, seeds, args.epochs or exp.epochs))
+            epochs = args.epochs or exp.epochs
+            folder = folder_name(
+                exp.name,
+                quick=args.quick,
+                widths=args.widths or (),
+                methods=args.methods or (),
+                seeds=seeds if seeds != tuple(range(exp.seeds)) else None,
+                epochs=epochs if epochs != exp.epochs else None,
+            )
+            out.append(Selection(exp, seeds, epochs, folder))
     if not out:
         raise UsageError(f"no experiment has cells {' '.join(w for _, w, _ in filters)}")
     return out
@@ -169,11 +216,17 @@ def _render(selections: list[Selection], out: Path, quiet: bool) -> None:
     unavailable = unavailable_methods(s.experiment for s in selections)
     for s in selections:
         markdown = report(
-            s.experiment, out, out, seeds=s.seeds, epochs=s.epochs, unavailable=unavailable
+            s.experiment,
+            out,
+            out,
+            seeds=s.seeds,
+            epochs=s.epochs,
+            unavailable=unavailable,
+            folder=s.folder,
         )
         if not quiet:
             print(markdown)
-            print(f"(written to {out / s.experiment.name}/)\n")
+            print(f"(written to {out / s.folder}/)\n")
 
 
 def _stored(out: Path, name: str) -> Path:

@@ -4,7 +4,7 @@ For each cell: the value of every seed's run, their mean and sample standard dev
 paper's number and the comparison, ``ours − paper`` for accuracies, overlaps and ranks, and
 ``ours ÷ paper`` for quantities that span orders of magnitude (variance, bias, wall time).
 
-Writes ``OUT/<experiment>/table.md``, ``OUT/<experiment>/summary.json``, the figures and the
+Writes ``OUT/<folder>/table.md``, ``OUT/<folder>/summary.json``, the figures and the
 learning curves of the finished runs (``curves.png``, :mod:`guessgrad.curves`).
 """
 
@@ -651,11 +651,13 @@ def report(
     seeds: Sequence[int],
     epochs: int,
     unavailable: Mapping[Method, str] | None = None,
+    folder: str | None = None,
 ) -> str:
-    """Write ``table.md``, ``summary.json`` and the figures of ``experiment``; return the
-    Markdown.  Reads the run store only: nothing is trained."""
+    """Write ``table.md``, ``summary.json`` and the figures of ``experiment`` into
+    ``out_root/folder`` (default: the experiment's name); return the Markdown.  Reads the run
+    store only: nothing is trained."""
     store = RunStore(store_root)
-    out_dir = Path(out_root) / experiment.name
+    out_dir = Path(out_root) / (folder or experiment.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     unavailable = unavailable or {}
     results = collect(experiment, store, seeds=seeds, epochs=epochs, unavailable=unavailable)
