@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import pytest
 
 import guessgrad.experiments.runner as runner
+import guessgrad.training as training
 from guessgrad.cli import build_parser, main
 from guessgrad.cli.reproduce import select
 
@@ -72,6 +75,17 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
         ["train", "--method", "w-perp", "--solver", "magic"],
         ["train", "--width", "-4"],
         ["train", "--lr", "nan"],
+        ["train", "--lr", "inf"],
+        ["train", "--weight-decay", "inf"],
+        ["train", "--seed", "-1"],
+        ["train", "--out", ""],  # an unset shell variable: not the working directory
+        ["train", "--sigma", "1e-3"],  # w-perp has no σ
+        ["train", "--method", "w-perp-ns", "--solver", "svd"],
+        ["reproduce", "table3", "--widths", ","],
+        ["reproduce", "table3", "--seeds", "0"],
+        ["bench", "--methods", ","],
+        ["bench", "--width", "abc"],
+        ["diagnose", "--seed", "-2"],
         ["train", "--device", "tpu"],
         ["reproduce", "table9"],
         ["reproduce", "table3", "--seeds", "0,0"],
@@ -192,3 +206,68 @@ def test_diagnose_prints_one_row_per_hidden_layer(tmp_path: Path, capsys) -> Non
     assert main([*argv, "--samples", "2", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["estimator"] == "WTranspose()" and len(record["layers"]) == 3
+
+
+def test_diagnose_takes_the_shape_from_the_weights(tmp_path: Path, capsys) -> None:
+    """Width and depth come from the stored weights (a finished run's model.pt, an unfinished
+    one's checkpoint.pt); a --width that contradicts them, or a file that holds no weights,
+    is a one-line error."""
+    args = ["train", "--method", "w-transpose", "--width", "8", "--depth", "2", "--epochs", "3"]
+
+    def stop(line: dict) -> None:
+        if line["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    runner_train = training.train
+    with pytest.MonkeyPatch.context() as mp:  # interrupted after one epoch: a checkpoint only
+        mp.setattr(
+            "guessgrad.cli.train.train", lambda *a, **k: runner_train(*a, **{**k, "on_epoch": stop})
+        )
+        assert main([*args, "--quiet", "--device", "cpu", "--out", str(tmp_path / "run")]) == 130
+    assert not (tmp_path / "run" / "model.pt").exists()
+    capsys.readouterr()
+    argv = ["diagnose", "--method", "w-transpose", "--batch", "16", "--samples", "2"]
+    assert main([*argv, "--checkpoint", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "width 8," in out and len([r for r in out.splitlines() if r.startswith("| ")]) == 3
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    for extra, message in [
+        (["--checkpoint", str(tmp_path / "run"), "--width", "16"], "holds width 8, depth 2"),
+        (["--checkpoint", str(tmp_path / "notes.txt")], "is not a guessgrad model.pt"),
+        (["--checkpoint", str(tmp_path / "run" / "config.json")], "is not a guessgrad"),
+        (["--checkpoint", str(tmp_path)], "no weights in"),
+    ]:
+        assert main([*argv, *extra]) == 2
+        stdout, err = capsys.readouterr()
+        assert stdout == "" and len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_mistyped_option_is_named_with_the_closest_one() -> None:
+    """Options are never abbreviated (``--seed`` is not ``--seeds``: that would start a sweep
+    of another size), and the error comes from the subcommand with a suggestion."""
+    for argv, expected in [
+        (["report", "table3", "--seed", "3"], "--seed 3 (did you mean --seeds?)"),
+        (["train", "--widht", "8"], "(did you mean --width?) (see guessgrad train --help)"),
+        (["reproduce", "table3", "--out=x", "surplus"], "arguments: surplus (see guessgrad rep"),
+    ]:
+        with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as err:
+            build_parser().parse_args(argv)
+        assert exit_.value.code == 2 and expected in err.getvalue()
+
+
+def test_train_into_a_directory_with_unreadable_run_files(tmp_path: Path, capsys) -> None:
+    """A corrupt checkpoint or final.json, or another program's config.json, is a one-line
+    error and stays as it was."""
+    for name, content in [
+        ("checkpoint.pt", "x"),
+        ("final.json", "{"),
+        ("config.json", '{"learning_rate": 3}'),
+    ]:
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text(content)
+        assert _train(out, "--quiet") == 2
+        stdout, err = capsys.readouterr()
+        assert stdout == "" and len(err.strip().splitlines()) == 1
+        assert f"{out / name} is not a readable guessgrad run file" in err
+        assert (out / name).read_text() == content and len(list(out.iterdir())) == 1

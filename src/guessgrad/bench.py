@@ -347,19 +347,47 @@ def markdown(records: list[BenchRecord]) -> str:
     return "\n".join(lines)
 
 
+def _int_option(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            what = "a positive integer" if low == 1 else f"an integer >= {low}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Time one estimate-plus-AdamW step of each method side by side (median and IQR), "
+        "measure its peak memory and, for W̃⊥ solvers, the subspace fidelity; print a Markdown "
+        "table with ratios to w-transpose and backprop."
+    )
     parser.add_argument(
         "--methods",
         default="backprop,w-transpose,w-perp",
-        help="comma list of registry names; options as name:key=value, e.g. w-perp:solver=svd",
+        help="comma list of registry names, each with options as name:key=value:key=value "
+        "(the estimator's constructor options, e.g. w-perp:solver=svd, w-perp:depth=3 for "
+        "the Krylov depth of its subspace solver; default: %(default)s)",
     )
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--depth", type=int, default=3, help="hidden layers")
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per method")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps")
-    parser.add_argument("--seed", type=int, default=0)
+    positive, nonnegative = _int_option(1), _int_option(0)
+    parser.add_argument("--width", type=positive, default=512, help="(default: %(default)s)")
+    parser.add_argument(
+        "--depth", type=positive, default=3, help="hidden layers (default: %(default)s)"
+    )
+    parser.add_argument("--batch-size", type=positive, default=512, help="(default: %(default)s)")
+    parser.add_argument(
+        "--steps", type=positive, default=20, help="timed steps per method (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warmup", type=nonnegative, default=3, help="untimed steps first (default: %(default)s)"
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--seed", type=nonnegative, default=0, help="(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead")
 
 
@@ -370,7 +398,9 @@ def main(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ValueError("--warmup must be >= 0")
     device = resolve_device(args.device)
-    specs = [s for s in args.methods.split(",") if s.strip()]
+    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
+    if not specs:
+        raise ValueError(f"--methods: expected names like backprop,w-perp, got {args.methods!r}")
     for spec in specs:  # fail on a bad name before timing anything
         name, options = parse_method(spec)
         make_estimator(name, **options)

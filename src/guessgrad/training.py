@@ -267,6 +267,41 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any], skip: tuple[str
     return ", ".join(f"{k} {stored.get(k)!r} there, {wanted.get(k)!r} here" for k in keys)
 
 
+def _read_stored_run(
+    out: Path, device: torch.device
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """``out``'s ``final.json`` or else its checkpoint (loaded once: checked, then resumed);
+    :class:`RunDirectoryConflict` for files that cannot be read, and for a ``config.json``
+    that is not a run's (``out`` is someone else's directory: nothing is overwritten)."""
+    final = ckpt = None
+    reading = ""
+    try:
+        if (out / "final.json").exists():
+            reading = "final.json"
+            with open(out / reading) as f:
+                final = json.load(f)
+            if not isinstance(final, dict):
+                raise ValueError("not a JSON object")
+        elif (out / "checkpoint.pt").exists():
+            reading = "checkpoint.pt"
+            ckpt = torch.load(out / reading, map_location=device, weights_only=False)
+            if not isinstance(ckpt, dict):
+                raise ValueError("not a training checkpoint")
+        elif (out / "config.json").exists():
+            reading = "config.json"
+            with open(out / reading) as f:
+                record = json.load(f)
+            if not (isinstance(record, dict) and isinstance(record.get("config"), dict)):
+                raise ValueError("no run configuration in it")
+    except Exception as err:
+        reason = (str(err).splitlines() or [""])[0] or type(err).__name__
+        raise RunDirectoryConflict(
+            f"{out / reading} is not a readable guessgrad run file ({reason}); remove it, or "
+            "choose another output directory"
+        ) from None
+    return final, ckpt
+
+
 def _check_stored_run(
     out: Path, config: TrainConfig, final: dict[str, Any] | None, ckpt: dict[str, Any] | None
 ) -> None:
@@ -315,11 +350,7 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     final = ckpt = None
     if out is not None:
-        if (out / "final.json").exists():
-            with open(out / "final.json") as f:
-                final = json.load(f)
-        elif (out / "checkpoint.pt").exists():  # loaded once: checked here, resumed below
-            ckpt = torch.load(out / "checkpoint.pt", map_location=device, weights_only=False)
+        final, ckpt = _read_stored_run(out, device)
         _check_stored_run(out, config, final, ckpt)
         if final is not None:
             return final

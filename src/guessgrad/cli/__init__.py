@@ -11,6 +11,7 @@ Bad options and unknown names exit with status 2 and a one-line message on stder
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import importlib.util
 import sys
@@ -24,10 +25,33 @@ __all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (exit status 2) instead of usage dumps."""
+    """argparse with one-line errors (exit status 2) instead of usage dumps; arguments that
+    no option takes are reported by the subcommand's parser (its ``--help``), with the closest
+    option name where one is close."""
+
+    commands: dict[str, argparse.ArgumentParser] = {}
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        # no abbreviations: ``--seed`` must not silently mean ``--seeds`` (or start a sweep)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self.commands.get(getattr(parsed, "command", None) or "", self)
+            options = [o for a in owner._actions for o in a.option_strings if o.startswith("--")]
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            for extra in extras:
+                close = difflib.get_close_matches(extra.split("=")[0], options, n=1)
+                if extra.startswith("--") and close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+            owner.error(message)
+        return parsed
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``guessgrad`` argument parser with every subcommand."""
     from . import diagnose, reproduce, train
 
-    parser = _Parser(
+    parser: _Parser = _Parser(
         prog="guessgrad",
         description="Backpropagation-free training by guessing gradients (W̃⊥ and baselines).",
     )
@@ -72,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce.configure_parsers(sub)
     diagnose.configure_parser(sub)
     _bench_parser(sub)
+    parser.commands = dict(sub.choices)
     return parser
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch.torch_version import TorchVersion
 
 from ..data import mnist1d
 from ..estimators import make_estimator
@@ -20,11 +21,16 @@ from .common import (
     device_name,
     estimator_options,
     make_config,
+    nonnegative_int,
+    out_path,
     positive_int,
     set_threads,
 )
 
 __all__ = ["configure_parser", "run"]
+
+#: width and depth without --checkpoint (the paper's Table 2 setting)
+_WIDTH, _DEPTH = 128, 3
 
 
 def configure_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,32 +41,69 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
         "examples, at the seed's initial weights or on --checkpoint.",
     )
     add_estimator_options(p, default_method="w-perp")
-    p.add_argument("--width", type=positive_int, default=128)
-    p.add_argument("--depth", type=positive_int, default=3)
-    p.add_argument("--seed", type=int, default=0, help="initial weights and guesses")
+    p.add_argument(
+        "--width",
+        type=positive_int,
+        help=f"hidden width (default: the --checkpoint's, else {_WIDTH})",
+    )
+    p.add_argument(
+        "--depth",
+        type=positive_int,
+        help=f"hidden layers (default: the --checkpoint's, else {_DEPTH})",
+    )
+    p.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="initial weights and guesses (default: 0)"
+    )
     p.add_argument(
         "--checkpoint",
-        type=Path,
-        help="weights: a run directory, its model.pt, or a checkpoint.pt (default: init)",
+        type=out_path,
+        help="weights: a run directory (its model.pt, or the checkpoint.pt of an unfinished "
+        "run), a model.pt or a checkpoint.pt (default: the seed's initial weights)",
     )
-    p.add_argument("--batch", type=positive_int, default=512, help="first BATCH train examples")
-    p.add_argument("--samples", type=positive_int, default=16, help="guesses per example")
+    p.add_argument(
+        "--batch", type=positive_int, default=512, help="first BATCH train examples (default: 512)"
+    )
+    p.add_argument(
+        "--samples", type=positive_int, default=16, help="guesses per example (default: 16)"
+    )
     p.add_argument("--overlap-k", type=positive_int, help="k of the overlap (default: k or 10)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a run directory, ``model.pt`` or ``checkpoint.pt``, loaded without
+    running code from the file (``weights_only``)."""
     if path.is_dir():
-        path = path / "model.pt"
+        found = [path / n for n in ("model.pt", "checkpoint.pt") if (path / n).exists()]
+        if not found:
+            raise UsageError(f"no weights in {path} (neither model.pt nor checkpoint.pt)")
+        path = found[0]
     if not path.exists():
         raise UsageError(f"no weights at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+    try:
+        with torch.serialization.safe_globals([TorchVersion]):  # recorded in checkpoints
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = (str(err).splitlines() or [""])[0] or type(err).__name__
+        raise UsageError(
+            f"{path} is not a guessgrad model.pt or checkpoint.pt ({reason})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint
+    if not (isinstance(state, dict) and state and _shape(state) is not None):
+        raise UsageError(f"{path} holds no MLP weights")
     return state
+
+
+def _shape(state: dict[str, torch.Tensor]) -> tuple[int, int] | None:
+    """(hidden width, hidden layers) of an MLP's ``state_dict``, None if it is not one."""
+    weights = [v for k, v in state.items() if k.endswith("weight")]
+    if len(weights) < 2 or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
+        return None
+    return weights[0].shape[0], len(weights) - 1
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -70,10 +113,25 @@ def _fmt(value: float | None, spec: str) -> str:
 def run(args: argparse.Namespace) -> int:
     options = estimator_options(args)
     check_estimator(args.method, options)
+    state = _load_weights(args.checkpoint) if args.checkpoint is not None else None
+    width, depth = args.width or _WIDTH, args.depth or _DEPTH
+    if state is not None:
+        stored = _shape(state)
+        assert stored is not None
+        for option, given, there in (
+            ("--width", args.width, stored[0]),
+            ("--depth", args.depth, stored[1]),
+        ):
+            if given is not None and given != there:
+                raise UsageError(
+                    f"{args.checkpoint} holds width {stored[0]}, depth {stored[1]}: "
+                    f"{option} {given} does not fit (leave it out to use the checkpoint's)"
+                )
+        width, depth = stored
     config = make_config(
         method=args.method,
-        width=args.width,
-        depth=args.depth,
+        width=width,
+        depth=depth,
         seed=args.seed,
         device=device_name(args.device),
         options=options,
@@ -81,13 +139,14 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     data = mnist1d().to(config.device)
     model = initial_model(config, data.num_features, data.num_classes)
-    if args.checkpoint is not None:
+    if state is not None:
         try:
-            model.load_state_dict(_load_weights(args.checkpoint))
-        except RuntimeError as err:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # e.g. another input size or number of classes
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             raise UsageError(
-                f"{args.checkpoint} does not fit width {args.width}, depth {args.depth}: "
-                f"{str(err).splitlines()[0]}"
+                f"{args.checkpoint} does not fit an MLP of width {width}, depth {depth} on "
+                f"MNIST-1D: {lines[-1] if lines else err}"
             ) from None
     model = model.to(config.device)
     est = make_estimator(args.method, **options)
@@ -97,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"estimator": repr(est), "layers": [r.as_dict() for r in records]}))
         return 0
-    print(f"{est!r}, width {args.width}, {x.shape[0]} examples, {args.samples} guesses each")
+    print(f"{est!r}, width {width}, {x.shape[0]} examples, {args.samples} guesses each")
     head = ("layer", "bias", "variance", "variance (exact)", "cov. norm", "overlap", "cosine")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

@@ -112,7 +112,7 @@ class SweepProgress:
             self.bar = tqdm(total=total, desc=name, unit=unit, file=self.stream)
             self.bar.set_postfix_str(f"0/{tasks} {noun}s")
         else:
-            extra = f", {total} epochs" if unit == "epoch" else ""
+            extra = f", {total} epoch{'s' * (total != 1)}" if unit == "epoch" else ""
             self._write(f"{name}: {tasks} {noun}(s){extra}")
 
     def _step(self) -> int:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..experiments import EXPERIMENTS, Experiment, plan, report, run_tasks, unavailable_methods
-from .common import UsageError, default_jobs, device_name, output_dir, positive_int
+from .common import UsageError, default_jobs, device_name, out_path, output_dir, positive_int
 from .progress import SweepProgress
 
 __all__ = [
@@ -40,8 +40,9 @@ def _seed_list(text: str) -> list[int]:
         else:
             seeds = list(range(positive_int(text)))
     except (ValueError, argparse.ArgumentTypeError):
+        hint = " (seed 0 alone: 1, or 0,)" if text.strip() == "0" else ""
         raise argparse.ArgumentTypeError(
-            f"expected a number of seeds or a list like 0,1,2, got {text!r}"
+            f"expected a number of seeds or a list like 0,1,2, got {text!r}{hint}"
         ) from None
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
@@ -50,9 +51,12 @@ def _seed_list(text: str) -> list[int]:
 
 def _width_list(text: str) -> tuple[int, ...]:
     try:
-        return tuple(positive_int(w) for w in text.split(",") if w.strip())
+        widths = tuple(positive_int(w) for w in text.split(",") if w.strip())
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected widths like 64,128, got {text!r}") from None
+        widths = ()
+    if not widths:
+        raise argparse.ArgumentTypeError(f"expected widths like 64,128, got {text!r}")
+    return widths
 
 
 def _name_list(text: str) -> tuple[str, ...]:
@@ -80,7 +84,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quick", action="store_true", help="the experiment's cheap preset")
     p.add_argument(
-        "--out", type=Path, default=Path("results"), help="results directory (default: results)"
+        "--out", type=out_path, default=Path("results"), help="results directory (default: results)"
     )
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
 

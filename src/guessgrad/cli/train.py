@@ -23,6 +23,8 @@ from .common import (
     estimator_options,
     make_config,
     nonnegative_float,
+    nonnegative_int,
+    out_path,
     output_dir,
     positive_float,
     positive_int,
@@ -77,13 +79,13 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=nonnegative_int,
         default=_DEFAULTS.seed,
         help="seed of the initial weights, batch order and guesses (default: %(default)s)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", type=Path, help="output directory (default: results/runs/<slug>)")
+    p.add_argument("--out", type=out_path, help="output directory (default: results/runs/<slug>)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(func=run)
 
@@ -123,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     draw_curves([(config.slug(), {config.method: [read_metrics(out)]})], out / "curves.png", title)
     if not args.quiet:
         if already:
-            print(f"{out} holds a finished run: not trained again (remove it, or pass --out).")
+            other = "another --out" if args.out is not None else "--out"
+            print(f"{out} holds a finished run: not trained again (remove it, or pass {other}).")
         print(
             f"{config.slug()}: train accuracy {final['train_accuracy']:.4f}, "
             f"test accuracy {final['test_accuracy']:.4f}, {final['steps']} steps in "
