@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,22 @@ def test_train_into_a_directory_with_unreadable_run_files(tmp_path: Path, capsys
         assert stdout == "" and len(err.strip().splitlines()) == 1
         assert f"{out / name} is not a readable guessgrad run file" in err
         assert (out / name).read_text() == content and len(list(out.iterdir())) == 1
+
+
+def test_warnings_are_plain_lines_while_a_command_runs(tmp_path: Path, monkeypatch) -> None:
+    from guessgrad.experiments.runner import plain_warnings
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    before = warnings.formatwarning
+    seen = []
+
+    def stand_in(*_args, **_kw):
+        seen.append(warnings.formatwarning("x: diverged", UserWarning, "f", 1))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("guessgrad.cli.train.train", stand_in)
+    assert _train(tmp_path / "run", "--quiet") == 130
+    assert seen == ["warning: x: diverged\n"]
+    assert warnings.formatwarning is before  # the caller's formatting is back
+    plain_warnings()
+    assert warnings.formatwarning("m", UserWarning, "f.py", 3) == "warning: m\n"

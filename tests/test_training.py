@@ -325,3 +325,13 @@ def test_atomic_write_json_gives_the_usual_permissions(tmp_path: Path, umask: in
 def test_bad_config_values_raise(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         _config(**bad)
+
+
+def test_a_diverging_run_warns_once_and_goes_on(data: MNIST1D, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"training loss is nan in epoch \d: training diverged"):
+        final = train(_config(lr=1e6, epochs=3), out_dir=tmp_path, data=data)
+    assert final["steps"] == 3 * 4  # the run went on to the end
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_config(lr=1e6, epochs=3), data=data)
+    assert sum("diverged" in str(w.message) for w in caught) == 1  # said once, not per epoch

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -397,6 +398,7 @@ def train(
             _truncate_metrics(out / "metrics.jsonl", start_epoch)
 
     n = data.x_train.shape[0]
+    diverged = False
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
@@ -418,6 +420,13 @@ def train(
         wall += time.perf_counter() - t0
         _, train_acc = evaluate(model, data.x_train, data.y_train)
         _, test_acc = evaluate(model, data.x_test, data.y_test)
+        if not math.isfinite(loss_sum) and not diverged:
+            diverged = True  # said once: the run goes on, as asked
+            warnings.warn(
+                f"{out if out is not None else 'run'}: the training loss is {loss_sum / seen} "
+                f"in epoch {epoch + 1}: training diverged (a smaller learning rate may help)",
+                stacklevel=2,
+            )
         line = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / seen,

@@ -15,10 +15,12 @@ import difflib
 import importlib
 import importlib.util
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
+from ..experiments.runner import plain_warnings
 from .common import UsageError
 
 __all__ = ["main", "build_parser"]
@@ -104,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    formatter = warnings.formatwarning
+    plain_warnings()  # for the command's own lines; the caller's formatting comes back after
     try:
         return int(args.func(args) or 0)
     except UsageError as err:
@@ -115,3 +119,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        warnings.formatwarning = formatter

@@ -22,6 +22,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -230,9 +231,16 @@ def execute(task: Task, root: str | Path, on_epoch: Any = None) -> Outcome:
     return Outcome(task, "done", time.perf_counter() - t0, result=result)
 
 
+def plain_warnings() -> None:
+    """Print warnings as ``warning: MESSAGE`` lines (the command line's, and its workers'),
+    without the source file and line that Python adds for programmers."""
+    warnings.formatwarning = lambda message, *_args, **_kw: f"warning: {message}\n"
+
+
 def _worker(wid: int, tasks: Any, events: Any, root: str, threads: int) -> None:
     """A worker process: run tasks from ``tasks`` until ``None``, report on ``events``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    plain_warnings()
     torch.set_num_threads(threads)
     while (item := tasks.get()) is not None:
         idx, task = item
