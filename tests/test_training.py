@@ -193,6 +193,7 @@ def test_source_digest_follows_the_package_files_only(tmp_path: Path) -> None:
     (package / "__pycache__").mkdir()
     (package / "__pycache__" / "training.cpython-311.pyc").write_bytes(b"\0")
     (package / "solvers" / "x.pyc").write_bytes(b"\1")
+    (package / ".training.py.swp").write_bytes(b"\2")
     (tmp_path / "README.md").write_text("outside\n")
     assert source_digest(package) == first  # bytecode and files outside: no change
     (package / "solvers" / "coefficients.json").write_text("[2]\n")

@@ -205,8 +205,9 @@ def git_revision(where: Path | None = None) -> tuple[str | None, bool | None]:
 
 
 def source_digest(where: Path | None = None) -> str:
-    """SHA-256 (first 12 hex digits) of the package's own files: every file under the package
-    folder but compiled bytecode, each with its relative path, in sorted order.
+    """SHA-256 (first 12 hex digits) of the package's own files: its Python modules and JSON
+    data under the package folder, each with its relative path, in sorted order (bytecode,
+    editor files and the like are not code).
 
     It identifies the code that ran whether or not it comes from a git checkout, and two
     commits that differ only outside the package (documentation, tests) give the same digest.
@@ -217,7 +218,7 @@ def source_digest(where: Path | None = None) -> str:
     files = sorted(
         p
         for p in root.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")
+        if p.is_file() and "__pycache__" not in p.parts and p.suffix in (".py", ".json")
     )
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
