@@ -291,3 +291,13 @@ def test_warnings_are_plain_lines_while_a_command_runs(tmp_path: Path, monkeypat
     assert warnings.formatwarning is before  # the caller's formatting is back
     plain_warnings()
     assert warnings.formatwarning("m", UserWarning, "f.py", 3) == "warning: m\n"
+
+
+def test_train_notes_settings_that_do_not_mean_what_they_seem(tmp_path: Path, capsys) -> None:
+    args = ["train", "--method", "w-perp", "--width", "8", "--epochs", "1", "--device", "cpu"]
+    assert main([*args, "--batch-size", "5000", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "note: k = 10 >= width 8: each guess spans the whole row space" in err
+    assert "note: batch size 5000 > 4000 training examples" in err
+    assert main([*args[:2], "w-transpose", *args[3:], "--out", str(tmp_path / "b")]) == 0
+    assert "note:" not in capsys.readouterr().err

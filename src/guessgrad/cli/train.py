@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from ..curves import draw_curves, read_metrics
 from ..data import mnist1d
-from ..training import RunDirectoryConflict, TrainConfig, train
+from ..training import RunDirectoryConflict, TrainConfig, build_estimator, train
 from .common import (
     UsageError,
     add_estimator_options,
@@ -90,6 +91,23 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _notes(config: TrainConfig, examples: int) -> list[str]:
+    """Settings that run, but not as the numbers may suggest."""
+    notes = []
+    k = build_estimator(config).options().get("k")  # the estimator's own default too
+    if isinstance(k, int) and k >= config.width:
+        notes.append(
+            f"k = {k} >= width {config.width}: each guess spans the whole row space of its "
+            "example's W̃ (as with k = rank)"
+        )
+    if config.batch_size > examples:
+        notes.append(
+            f"batch size {config.batch_size} > {examples} training examples: one step of "
+            f"{examples} examples per epoch"
+        )
+    return notes
+
+
 def run(args: argparse.Namespace) -> int:
     options = estimator_options(args)
     check_estimator(args.method, options)
@@ -109,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
     out = output_dir(args.out if args.out is not None else Path("results") / "runs" / config.slug())
     already = (out / "final.json").exists()
     data = mnist1d()
+    if not (args.quiet or already):
+        for note in _notes(config, data.x_train.shape[0]):
+            print(f"note: {note}", file=sys.stderr)
     steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
     progress = TrainProgress(
         config.epochs, steps_per_epoch, quiet=args.quiet or already, desc=config.slug()
