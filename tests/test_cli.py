@@ -13,6 +13,7 @@ import pytest
 import guessgrad.experiments.runner as runner
 import guessgrad.training as training
 from guessgrad.cli import build_parser, main
+from guessgrad.cli.common import UsageError
 from guessgrad.cli.reproduce import select
 
 
@@ -146,18 +147,33 @@ def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatc
         (["table3", "--quick"], ["table3_quick"]),
         (["table3", "--quick", "--seeds", "1"], ["table3_quick"]),
         (["table4", "--widths", "512", "--methods", "w-perp-ns"], ["table4_w512_w-perp-ns"]),
-        (["table1", "--seeds", "0,3", "--epochs", "20"], ["table1_seeds0-3_e20"]),
-        (["all", "--quick", "--widths", "128"], None),
+        (["table1", "--seeds", "3,0", "--epochs", "20"], ["table1_seeds0-3_e20"]),
+        # the same table, however it is asked for: tags only for what the options change
+        (["table3", "--seeds", "2,1,0"], ["table3"]),
+        (["table3", "--widths", "512,64"], ["table3_w64-512"]),
+        (["table3", "--widths", "64,512"], ["table3_w64-512"]),
+        (["table3", "--quick", "--widths", "128,64"], ["table3_quick"]),
+        (["table4", "--methods", "w-transpose,w-perp-ns"], ["table4_w-perp-ns+w-transpose"]),
+        (
+            ["all", "--quick", "--widths", "128"],
+            ["table1_quick", "table2_quick", "table3_quick_w128"]
+            + ["table4_quick", "fig1_quick", "fig2_quick_w128"],
+        ),
     ],
 )
 def test_each_selection_has_its_own_folder(argv, folders) -> None:
     args = build_parser().parse_args(["report", *argv])
-    names = [s.folder for s in select(args)]
-    if folders is None:  # every experiment, each with the same tags
-        assert names and all(n.endswith("_quick_w128") for n in names)
-        assert len(set(names)) == len(names)
-    else:
-        assert names == folders
+    assert [s.folder for s in select(args)] == folders
+
+
+def test_a_method_no_experiment_has_is_an_error() -> None:
+    """A typo in --methods is not silently dropped (it would name a folder, too)."""
+    args = build_parser().parse_args(["report", "table3", "--methods", "w-perp,w-prep"])
+    with pytest.raises(UsageError, match=r"no method 'w-prep' in table3; its methods: .*w-perp"):
+        select(args)
+    args = build_parser().parse_args(["report", "all", "--methods", "../x"])
+    with pytest.raises(UsageError, match=r"no method '../x' in any experiment"):
+        select(args)
 
 
 @pytest.mark.parametrize("command", [["train", "--width", "8"], ["reproduce", "table3"]])
@@ -250,6 +266,8 @@ def test_a_mistyped_option_is_named_with_the_closest_one() -> None:
         (["report", "table3", "--seed", "3"], "--seed 3 (did you mean --seeds?)"),
         (["train", "--widht", "8"], "(did you mean --width?) (see guessgrad train --help)"),
         (["reproduce", "table3", "--out=x", "surplus"], "arguments: surplus (see guessgrad rep"),
+        (["--bogus", "train"], "guessgrad: error: unrecognized arguments: --bogus (see guessg"),
+        (["train", "--", "foo"], "arguments: -- foo (see guessgrad train --help)"),
     ]:
         with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as err:
             build_parser().parse_args(argv)
@@ -272,6 +290,11 @@ def test_train_into_a_directory_with_unreadable_run_files(tmp_path: Path, capsys
         assert stdout == "" and len(err.strip().splitlines()) == 1
         assert f"{out / name} is not a readable guessgrad run file" in err
         assert (out / name).read_text() == content and len(list(out.iterdir())) == 1
+    # a checkpoint that cannot be read at all (here: a directory) is not called corrupt
+    (tmp_path / "odd" / "checkpoint.pt").mkdir(parents=True)
+    assert _train(tmp_path / "odd", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'odd' / 'checkpoint.pt'}" in err and "remove" not in err
 
 
 def test_warnings_are_plain_lines_while_a_command_runs(tmp_path: Path, monkeypatch) -> None:

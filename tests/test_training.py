@@ -210,6 +210,8 @@ def test_describe_code_names_the_digest_only_without_a_commit() -> None:
     outside = {"version": "0.1", "git_commit": None, "source_digest": "3f9a0c1b2d4e"}
     assert training.describe_code(outside) == "0.1 no commit, source 3f9a0c1"
     assert training.describe_code({"version": "0.1"}) == "0.1 no commit"  # older records
+    edited = {**record, "git_modified": True}  # the same commit, edited files: the digest says
+    assert training.describe_code(edited) == "0.1 aaaaaaa + modified files, source 3f9a0c1"
 
 
 def test_a_checkpoint_without_sessions_takes_the_first_from_config_json(
@@ -329,7 +331,9 @@ def test_bad_config_values_raise(bad: dict) -> None:
 
 
 def test_a_diverging_run_warns_once_and_goes_on(data: MNIST1D, tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match=r"training loss is nan in epoch \d: training diverged"):
+    with pytest.warns(
+        UserWarning, match=r"training loss is (nan|-?inf) in epoch \d: training diverged"
+    ):
         final = train(_config(lr=1e6, epochs=3), out_dir=tmp_path, data=data)
     assert final["steps"] == 3 * 4  # the run went on to the end
     with warnings.catch_warnings(record=True) as caught:

@@ -386,7 +386,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup", type=nonnegative, default=3, help="untimed steps first (default: %(default)s)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu)")
     parser.add_argument("--seed", type=nonnegative, default=0, help="(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead")
 

@@ -295,6 +295,8 @@ def _read_stored_run(
                 record = json.load(f)
             if not (isinstance(record, dict) and isinstance(record.get("config"), dict)):
                 raise ValueError("no run configuration in it")
+    except OSError as err:  # the file may be fine: no advice to remove it
+        raise RunDirectoryConflict(f"cannot read {out / reading}: {err.strerror or err}") from None
     except Exception as err:
         reason = (str(err).splitlines() or [""])[0] or type(err).__name__
         raise RunDirectoryConflict(
@@ -424,7 +426,8 @@ def train(
         if not math.isfinite(loss_sum) and not diverged:
             diverged = True  # said once: the run goes on, as asked
             warnings.warn(
-                f"{out if out is not None else 'run'}: the training loss is {loss_sum / seen} "
+                f"{out if out is not None else config.slug()}: the training loss is "
+                f"{loss_sum / seen} "
                 f"in epoch {epoch + 1}: training diverged (a smaller learning rate may help)",
                 stacklevel=2,
             )
@@ -521,12 +524,14 @@ def _resumed_sessions(
 
 def describe_code(record: dict[str, Any]) -> str:
     """``0.1.0 1ce2447`` for a run's record or session (``+ modified files`` where the package
-    differed from the commit; outside a checkout ``no commit``, with the source digest where
-    the record has one: ``0.1.0 no commit, source 3f9a0c1``)."""
+    differed from the commit; outside a checkout ``no commit``; in both cases with the source
+    digest where the record has one: ``0.1.0 no commit, source 3f9a0c1``)."""
     commit, digest = record.get("git_commit"), record.get("source_digest")
-    where = commit[:7] if commit else "no commit" + (f", source {digest[:7]}" if digest else "")
-    text = f"{record.get('version', '?')} {where}"
-    return text + (" + modified files" if record.get("git_modified") else "")
+    modified = bool(record.get("git_modified"))
+    where = commit[:7] if commit else "no commit"
+    text = f"{record.get('version', '?')} {where}" + (" + modified files" if modified else "")
+    # the digest tells apart what the commit cannot: edited files, or no commit at all
+    return text + (f", source {digest[:7]}" if digest and (modified or not commit) else "")
 
 
 def _update_config_sessions(path: Path, record: dict[str, Any]) -> None:

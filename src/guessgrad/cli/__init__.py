@@ -42,14 +42,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def,override]
-        parsed, extras = self.parse_known_args(args, namespace)
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed, extras = self.parse_known_args(argv, namespace)
         if extras:
-            owner = self.commands.get(getattr(parsed, "command", None) or "", self)
+            command = getattr(parsed, "command", None)
+            owner = self.commands.get(command or "", self)
+            first = argv.index(command) if command in argv else len(argv)
+            if any(e in argv[:first] for e in extras):  # before the command: ours
+                owner = self
             options = [o for a in owner._actions for o in a.option_strings if o.startswith("--")]
             message = f"unrecognized arguments: {' '.join(extras)}"
             for extra in extras:
-                close = difflib.get_close_matches(extra.split("=")[0], options, n=1)
-                if extra.startswith("--") and close:
+                name = extra.split("=")[0]
+                close = difflib.get_close_matches(name, options, n=1)
+                if name.startswith("--") and len(name) > 2 and close:
                     message += f" (did you mean {close[0]}?)"
                     break
             owner.error(message)

@@ -4,6 +4,7 @@ hidden layer (paper §3) on a batch of MNIST-1D, at initialisation or on saved w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -83,9 +84,13 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.exists():
         raise UsageError(f"no weights at {path}")
+    # checkpoints record torch's version, a TorchVersion: allowed where torch (>= 2.5) can
+    safe = getattr(torch.serialization, "safe_globals", None)
     try:
-        with torch.serialization.safe_globals([TorchVersion]):  # recorded in checkpoints
+        with safe([TorchVersion]) if safe is not None else contextlib.nullcontext():
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
     except Exception as err:
         reason = (str(err).splitlines() or [""])[0] or type(err).__name__
         raise UsageError(

@@ -141,8 +141,7 @@ def folder_name(
     epochs: int | None = None,
 ) -> str:
     """Where an experiment's table goes: ``name``, then ``_quick``, ``_w64-128`` (widths),
-    ``_w-perp+w-transpose`` (methods), ``_seeds0-3`` and ``_e20`` for the options given (seeds
-    and epochs only where they differ from the experiment's own)."""
+    ``_w-perp-k10+w-transpose`` (method keys), ``_seeds0-3`` and ``_e20`` for what is given."""
     parts = [name]
     if quick:
         parts.append("quick")
@@ -184,10 +183,18 @@ def select(args: argparse.Namespace) -> list[Selection]:
                 lambda e: f"its methods: {_join(sorted({m.key() for m in e.methods()}))}",
             )
         )
+    if args.methods:  # a name no experiment knows is a typo, not a narrower table
+        known = [m for e in chosen for m in e.methods()]
+        unknown = [n for n in args.methods if not any(m.matches([n]) for m in known)]
+        if unknown:
+            offered = sorted({m.key() for m in known})
+            where = f"in {name}" if name != "all" else "in any experiment"
+            raise UsageError(f"no method {unknown[0]!r} {where}; its methods: {_join(offered)}")
     out = []
     for exp in chosen:
         if args.quick:
             exp = exp.with_preset(exp.quick)
+        whole = exp
         for narrow, wanted, offered in filters:
             kept = narrow(exp)
             if not kept.cells:
@@ -198,18 +205,31 @@ def select(args: argparse.Namespace) -> list[Selection]:
         else:
             seeds = tuple(args.seeds) if args.seeds else tuple(range(exp.seeds))
             epochs = args.epochs or exp.epochs
-            folder = folder_name(
-                exp.name,
-                quick=args.quick,
-                widths=args.widths or (),
-                methods=args.methods or (),
-                seeds=seeds if seeds != tuple(range(exp.seeds)) else None,
-                epochs=epochs if epochs != exp.epochs else None,
-            )
-            out.append(Selection(exp, seeds, epochs, folder))
+            out.append(Selection(exp, seeds, epochs, _folder(whole, exp, args, seeds, epochs)))
     if not out:
         raise UsageError(f"no experiment has cells {' '.join(w for _, w, _ in filters)}")
     return out
+
+
+def _folder(
+    whole: Experiment,
+    kept: Experiment,
+    args: argparse.Namespace,
+    seeds: tuple[int, ...],
+    epochs: int,
+) -> str:
+    """:func:`folder_name` of a selection: tags only for what the options changed (in a
+    canonical order), from the experiment's own widths and method keys."""
+    widths = sorted({c.width for c in kept.cells})
+    methods = sorted({m.key() for m in kept.methods()})
+    return folder_name(
+        whole.name,
+        quick=args.quick,
+        widths=tuple(widths) if widths != sorted({c.width for c in whole.cells}) else (),
+        methods=tuple(methods) if methods != sorted({m.key() for m in whole.methods()}) else (),
+        seeds=tuple(sorted(seeds)) if sorted(seeds) != list(range(whole.seeds)) else None,
+        epochs=epochs if epochs != whole.epochs else None,
+    )
 
 
 def _join(values: object) -> str:
