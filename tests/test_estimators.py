@@ -99,8 +99,22 @@ def test_an_option_the_estimator_does_not_take_names_those_it_does(name, options
         guessgrad.make_estimator(name, **options)
 
 
-def test_every_listed_option_is_taken():
-    """The options an error message lists are the ones the estimator accepts."""
+@pytest.mark.parametrize("name", guessgrad.ESTIMATORS)
+def test_every_listed_option_is_taken(name):
+    """The options an error message lists are parameters of the estimator's constructor, less
+    what the name fixes (w-perp-ns: the solver; w-perp-bottom: the subspace)."""
+    import inspect
+
+    from guessgrad.estimators import registry
+
+    listed = registry._OPTIONS[name]
+    est = guessgrad.make_estimator(name)
+    params = set(inspect.signature(type(est)).parameters)
+    fixed = {"w-perp-ns": {"solver"}, "w-perp-bottom": {"subspace"}}.get(name, set())
+    assert listed is not None and set(listed) == params - fixed
+
+
+def test_listed_options_build():
     assert isinstance(guessgrad.make_estimator("w-perp-ns", k=5, depth=2), guessgrad.WPerp)
     assert guessgrad.make_estimator("w-perp-bottom", k=3, solver="svd").options()["k"] == 3
     assert guessgrad.make_estimator("w-precond", sigma=1e-3, solver="closed-form")
