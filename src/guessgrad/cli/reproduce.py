@@ -86,7 +86,7 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=out_path, default=Path("results"), help="results directory (default: results)"
     )
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
 
 
 def configure_parsers(sub: argparse._SubParsersAction) -> None:
