@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .cli.common import nonnegative_int, positive_int
 from .data import mnist1d
 from .estimators import Estimator, ForwardGradient, make_estimator
 from .guesses import Site, WPerpGuess
@@ -347,20 +348,6 @@ def markdown(records: list[BenchRecord]) -> str:
     return "\n".join(lines)
 
 
-def _int_option(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            what = "a positive integer" if low == 1 else f"an integer >= {low}"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-
-    return parse
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Time one estimate-plus-AdamW step of each method side by side (median and IQR), "
@@ -374,7 +361,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "(the estimator's constructor options, e.g. w-perp:solver=svd, w-perp:depth=3 for "
         "the Krylov depth of its subspace solver; default: %(default)s)",
     )
-    positive, nonnegative = _int_option(1), _int_option(0)
+    positive, nonnegative = positive_int, nonnegative_int
     parser.add_argument("--width", type=positive, default=512, help="(default: %(default)s)")
     parser.add_argument(
         "--depth", type=positive, default=3, help="hidden layers (default: %(default)s)"
