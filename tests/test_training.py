@@ -18,6 +18,7 @@ from guessgrad.data import MNIST1D
 from guessgrad.training import (
     TrainConfig,
     atomic_write_json,
+    error_summary,
     git_revision,
     initial_model,
     source_digest,
@@ -340,3 +341,9 @@ def test_a_diverging_run_warns_once_and_goes_on(data: MNIST1D, tmp_path: Path) -
         warnings.simplefilter("always")
         train(_config(lr=1e6, epochs=3), data=data)
     assert sum("diverged" in str(w.message) for w in caught) == 1  # said once, not per epoch
+
+
+def test_error_summary_is_the_first_line_or_the_type() -> None:
+    assert error_summary(ValueError("bad header\nat byte 3")) == "bad header"
+    assert error_summary(EOFError()) == "EOFError"
+    assert error_summary(RuntimeError("\nsecond line only")) == "RuntimeError"

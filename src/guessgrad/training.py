@@ -62,6 +62,7 @@ __all__ = [
     "describe_code",
     "same_code",
     "source_digest",
+    "error_summary",
 ]
 
 
@@ -269,6 +270,12 @@ def _differences(stored: dict[str, Any], wanted: dict[str, Any], skip: tuple[str
     return ", ".join(f"{k} {stored.get(k)!r} there, {wanted.get(k)!r} here" for k in keys)
 
 
+def error_summary(err: BaseException) -> str:
+    """The first line of ``err``'s message, or its type name where the message is empty: the
+    reason given in one-line errors about unreadable files."""
+    return (str(err).splitlines() or [""])[0] or type(err).__name__
+
+
 def _read_stored_run(
     out: Path, device: torch.device
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -298,10 +305,9 @@ def _read_stored_run(
     except OSError as err:  # the file may be fine: no advice to remove it
         raise RunDirectoryConflict(f"cannot read {out / reading}: {err.strerror or err}") from None
     except Exception as err:
-        reason = (str(err).splitlines() or [""])[0] or type(err).__name__
         raise RunDirectoryConflict(
-            f"{out / reading} is not a readable guessgrad run file ({reason}); remove it, or "
-            "choose another output directory"
+            f"{out / reading} is not a readable guessgrad run file ({error_summary(err)}); "
+            "remove it, or choose another output directory"
         ) from None
     return final, ckpt
 

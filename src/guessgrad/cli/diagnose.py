@@ -14,7 +14,7 @@ from torch.torch_version import TorchVersion
 from ..data import mnist1d
 from ..estimators import make_estimator
 from ..metrics import diagnose
-from ..training import initial_model
+from ..training import error_summary, initial_model
 from .common import (
     UsageError,
     add_estimator_options,
@@ -92,9 +92,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     except OSError as err:
         raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
     except Exception as err:
-        reason = (str(err).splitlines() or [""])[0] or type(err).__name__
         raise UsageError(
-            f"{path} is not a guessgrad model.pt or checkpoint.pt ({reason})"
+            f"{path} is not a guessgrad model.pt or checkpoint.pt ({error_summary(err)})"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint
