@@ -47,9 +47,10 @@ def test_bench_methods_records():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU memory read from /proc")
 def test_bench_cpu_memory_is_measured_in_a_child():
-    (record,) = bench_methods(["w-transpose"], **{**SETTINGS, "width": 256, "batch_size": 256})
-    # one step holds several (256 × 256) float32 tensors: at least a few hundred KiB
-    assert record.peak_memory_bytes is not None and record.peak_memory_bytes > 2**18
+    (record,) = bench_methods(["w-transpose"], **{**SETTINGS, "batch_size": 256})
+    # one step holds several (256 × 16) float32 tensors of 16 KiB each (activations, masks,
+    # guesses, tangents), all counted: none of them is below a page
+    assert record.peak_memory_bytes is not None and record.peak_memory_bytes >= 4 * 2**14
 
 
 def test_bench_cli_json(capsys):

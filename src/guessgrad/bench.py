@@ -12,12 +12,13 @@ computed in closed form.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step minus the memory
 allocated before it.  On CPU (Linux), measured in a fresh child process per method: glibc's
-mmap threshold is fixed at 64 KiB before anything is allocated, so every tensor of that size
-or more is its own mapping, returned on free, and the resident set tracks live allocations to
-within page granularity; the figure is the peak resident set size during one step (after the
-same warm-up) minus the resident size before it, read from ``/proc/self/status`` after
-resetting the peak with ``/proc/self/clear_refs``.  The child keeps that allocator setting out
-of the timed steps, where a mapping per tensor would add page faults to every method.
+mmap threshold is fixed at one page (4 KiB) before anything is allocated, so every tensor of
+that size or more is its own mapping, returned on free, and the resident set tracks live
+allocations to within a page each (smaller ones are not counted); the figure is the peak
+resident set size during one step (after the same warm-up) minus the resident size before it,
+read from ``/proc/self/status`` after resetting the peak with ``/proc/self/clear_refs``.  The
+child keeps that allocator setting out of the timed steps, where a mapping per tensor would add
+page faults to every method.
 ``None`` elsewhere.
 """
 
@@ -100,15 +101,16 @@ def _status_bytes(key: str) -> int:
 
 def _fix_mmap_threshold() -> None:
     # glibc raises its mmap threshold after large frees, after which freed tensors stay in
-    # the heap and the resident size stops tracking live memory; a fixed threshold keeps
-    # every allocation of 64 KiB or more in its own mapping, returned to the system on free.
+    # the heap and the resident size stops tracking live memory; a fixed threshold of one page
+    # keeps every allocation of a page or more in its own mapping, returned to the system on
+    # free (at 64 KiB, every tensor of a width-16 step would go uncounted: a peak of 0 bytes)
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     if name:
         m_mmap_threshold = -3
-        ctypes.CDLL(name).mallopt(m_mmap_threshold, 64 * 1024)
+        ctypes.CDLL(name).mallopt(m_mmap_threshold, 4096)
 
 
 def _peak_memory(step: Any, device: torch.device) -> int | None:
