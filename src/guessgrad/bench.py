@@ -12,9 +12,10 @@ computed in closed form.
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one step minus the memory
 allocated before it.  On CPU (Linux), measured in a fresh child process per method: glibc's
-mmap threshold is fixed at one page (4 KiB) before anything is allocated, so every tensor of
-that size or more is its own mapping, returned on free, and the resident set tracks live
-allocations to within a page each (smaller ones are not counted); the figure is the peak
+mmap threshold is fixed at one page (4 KiB) before anything is allocated, so a tensor of that
+size or more gets its own mapping, returned on free, unless free heap space can hold it, and the
+resident set tracks live allocations to within a page each (smaller ones are not counted; a step
+whose tensors are all a few tens of KiB reads low, down to 0); the figure is the peak
 resident set size during one step (after the same warm-up) minus the resident size before it,
 read from ``/proc/self/status`` after resetting the peak with ``/proc/self/clear_refs``.  The
 child keeps that allocator setting out of the timed steps, where a mapping per tensor would add
