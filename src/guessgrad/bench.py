@@ -103,8 +103,8 @@ def _status_bytes(key: str) -> int:
 def _fix_mmap_threshold() -> None:
     # glibc raises its mmap threshold after large frees, after which freed tensors stay in
     # the heap and the resident size stops tracking live memory; a fixed threshold of one page
-    # keeps every allocation of a page or more in its own mapping, returned to the system on
-    # free (at 64 KiB, every tensor of a width-16 step would go uncounted: a peak of 0 bytes)
+    # puts each allocation of a page or more that free heap space cannot hold in its own
+    # mapping, returned to the system on free (64 KiB left every tensor of a width-16 step out)
     import ctypes
     import ctypes.util
 
