@@ -364,20 +364,27 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "(the estimator's constructor options, e.g. w-perp:solver=svd, w-perp:depth=3 for "
         "the Krylov depth of its subspace solver; default: %(default)s)",
     )
-    positive, nonnegative = positive_int, nonnegative_int
-    parser.add_argument("--width", type=positive, default=512, help="(default: %(default)s)")
+    parser.add_argument("--width", type=positive_int, default=512, help="(default: %(default)s)")
     parser.add_argument(
-        "--depth", type=positive, default=3, help="hidden layers (default: %(default)s)"
-    )
-    parser.add_argument("--batch-size", type=positive, default=512, help="(default: %(default)s)")
-    parser.add_argument(
-        "--steps", type=positive, default=20, help="timed steps per method (default: %(default)s)"
+        "--depth", type=positive_int, default=3, help="hidden layers (default: %(default)s)"
     )
     parser.add_argument(
-        "--warmup", type=nonnegative, default=3, help="untimed steps first (default: %(default)s)"
+        "--batch-size", type=positive_int, default=512, help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=20,
+        help="timed steps per method (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=nonnegative_int,
+        default=3,
+        help="untimed steps first (default: %(default)s)",
     )
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu)")
-    parser.add_argument("--seed", type=nonnegative, default=0, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead")
 
 
