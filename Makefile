@@ -15,8 +15,8 @@ TORCH_SPEC ?= torch==2.13.0
 # writing on (the bulk, torch._dynamo, while the package installs).  A failed warm-up only
 # costs that time later.
 WARM := PYTHONDONTWRITEBYTECODE= $(BIN)/python -W ignore -c
-WARM_MODULES := guessgrad.cli.__main__, guessgrad.bench, matplotlib.figure, mnist1d.data, \
-	scipy.sparse.linalg, pytest
+WARM_MODULES := guessgrad.cli.__main__, guessgrad.bench, guessgrad.experiments, guessgrad.curves, \
+	matplotlib.figure, mnist1d.data, scipy.sparse.linalg, pytest
 
 $(BIN)/guessgrad: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

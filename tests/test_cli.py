@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import guessgrad.experiments.runner as runner
 import guessgrad.training as training
 from guessgrad.cli import build_parser, main
 from guessgrad.cli.common import UsageError
-from guessgrad.cli.reproduce import select
+from guessgrad.cli.reproduce import EXPERIMENT_NAMES, select
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -201,17 +203,69 @@ def test_report_without_a_run_store_is_an_error(tmp_path: Path, capsys, command)
     assert not out.exists()
 
 
-def test_bench_is_registered_only_when_available(monkeypatch) -> None:
-    import importlib.util
+_NO_TORCH = """
+import sys
+from guessgrad.cli import main
+try:
+    main(ARGV)
+except SystemExit:
+    pass
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
 
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: None if name == "guessgrad.bench" else real(name, *a),
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["train", "--help"],
+        ["reproduce", "--help"],
+        ["diagnose", "--help"],
+        ["bench", "--help"],
+        ["train", "--width", "-1"],
+        ["reproduce", "table3", "--seeds", "0"],
+    ],
+)
+def test_help_and_bad_options_do_not_load_torch(argv: list[str]) -> None:
+    """The parsers are built without PyTorch: help and option errors come at once."""
+    code = _NO_TORCH.replace("ARGV", repr(argv))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert bool(done.stderr) == (argv[-1] not in ("--help", "--version")), done.stderr
+
+
+def test_the_package_loads_its_public_names_on_first_use() -> None:
+    """``import guessgrad`` does not load PyTorch; every name in ``__all__`` is there when asked
+    for, and only those."""
+    code = (
+        "import sys, guessgrad\n"
+        "print('torch' in sys.modules)\n"
+        "print(all(getattr(guessgrad, n) is not None for n in guessgrad.__all__))\n"
+        "print(set(guessgrad.__all__) <= set(dir(guessgrad)))\n"
+        "print(guessgrad.WPerp.__module__, guessgrad.data.__name__)\n"
     )
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert "bench" not in sub.choices and {"train", "reproduce", "report"} <= set(sub.choices)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split("\n")[:4] == [
+        "False",
+        "True",
+        "True",
+        "guessgrad.estimators.forward_gradient guessgrad.data",
+    ]
+    import guessgrad
+
+    with pytest.raises(AttributeError, match="no attribute 'WPerpp'"):
+        guessgrad.WPerpp  # noqa: B018
+
+
+def test_the_parsers_names_are_the_registries() -> None:
+    """The names the parsers list without importing the registries are theirs."""
+    from guessgrad.config import METHODS
+    from guessgrad.estimators import ESTIMATORS
+    from guessgrad.experiments import EXPERIMENTS
+
+    assert ESTIMATORS[: len(METHODS)] == list(METHODS)
+    assert EXPERIMENT_NAMES == tuple(EXPERIMENTS)
 
 
 def test_diagnose_prints_one_row_per_hidden_layer(tmp_path: Path, capsys) -> None:
@@ -238,7 +292,7 @@ def test_diagnose_takes_the_shape_from_the_weights(tmp_path: Path, capsys) -> No
     runner_train = training.train
     with pytest.MonkeyPatch.context() as mp:  # interrupted after one epoch: a checkpoint only
         mp.setattr(
-            "guessgrad.cli.train.train", lambda *a, **k: runner_train(*a, **{**k, "on_epoch": stop})
+            "guessgrad.training.train", lambda *a, **k: runner_train(*a, **{**k, "on_epoch": stop})
         )
         assert main([*args, "--quiet", "--device", "cpu", "--out", str(tmp_path / "run")]) == 130
     assert not (tmp_path / "run" / "model.pt").exists()
@@ -308,7 +362,7 @@ def test_warnings_are_plain_lines_while_a_command_runs(tmp_path: Path, monkeypat
         seen.append(warnings.formatwarning("x: diverged", UserWarning, "f", 1))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("guessgrad.cli.train.train", stand_in)
+    monkeypatch.setattr("guessgrad.training.train", stand_in)
     assert _train(tmp_path / "run", "--quiet") == 130
     assert seen == ["warning: x: diverged\n"]
     assert warnings.formatwarning is before  # the caller's formatting is back

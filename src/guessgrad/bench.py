@@ -39,7 +39,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .cli.common import nonnegative_int, positive_int
 from .data import mnist1d
 from .estimators import Estimator, ForwardGradient, make_estimator
 from .guesses import Site, WPerpGuess
@@ -53,7 +52,6 @@ __all__ = [
     "bench_method",
     "bench_methods",
     "layer_fidelities",
-    "configure_parser",
     "main",
 ]
 
@@ -349,43 +347,6 @@ def markdown(records: list[BenchRecord]) -> str:
             f"{ratio(r, 'w-transpose', 'peak_memory_bytes')} | {fid} |"
         )
     return "\n".join(lines)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Time one estimate-plus-AdamW step of each method side by side (median and IQR), "
-        "measure its peak memory and, for W̃⊥ solvers, the subspace fidelity; print a Markdown "
-        "table with ratios to w-transpose and backprop."
-    )
-    parser.add_argument(
-        "--methods",
-        default="backprop,w-transpose,w-perp",
-        help="comma list of registry names, each with options as name:key=value:key=value "
-        "(the estimator's constructor options, e.g. w-perp:solver=svd, w-perp:depth=3 for "
-        "the Krylov depth of its subspace solver; default: %(default)s)",
-    )
-    parser.add_argument("--width", type=positive_int, default=512, help="(default: %(default)s)")
-    parser.add_argument(
-        "--depth", type=positive_int, default=3, help="hidden layers (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=512, help="(default: %(default)s)"
-    )
-    parser.add_argument(
-        "--steps",
-        type=positive_int,
-        default=20,
-        help="timed steps per method (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=nonnegative_int,
-        default=3,
-        help="untimed steps first (default: %(default)s)",
-    )
-    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="(default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print JSON records instead")
 
 
 def main(args: argparse.Namespace) -> int:

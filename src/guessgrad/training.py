@@ -26,7 +26,6 @@ own generators derived from ``seed``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -37,7 +36,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
+from .config import TrainConfig
 from .data import MNIST1D, mnist1d
 from .estimators import Estimator, make_estimator
 from .models import MLP
@@ -64,52 +63,6 @@ __all__ = [
     "source_digest",
     "error_summary",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Defaults are paper §4.
-
-    ``options`` are extra estimator constructor options (e.g. ``{"k": 10, "solver": "svd"}``).
-    """
-
-    method: str = "w-perp"
-    width: int = 128
-    depth: int = 3
-    epochs: int = 300
-    lr: float = 1e-4
-    batch_size: int = 512
-    weight_decay: float = 0.01
-    seed: int = 0
-    device: str = "cpu"
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for name in ("width", "depth", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got lr={self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got weight_decay={self.weight_decay!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def slug(self) -> str:
-        """A readable, unique directory name for this configuration (device excluded)."""
-        opts = "".join(f"-{k}{v}" for k, v in sorted(self.options.items()))
-        base = f"{self.method}{opts}-w{self.width}-d{self.depth}-e{self.epochs}-s{self.seed}"
-        extra = {
-            k: v
-            for k, v in self.to_dict().items()
-            if k not in ("method", "options", "width", "depth", "epochs", "seed", "device")
-        }
-        if extra != {"lr": 1e-4, "batch_size": 512, "weight_decay": 0.01}:
-            digest = hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
-            base += f"-{digest}"
-        return base
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,5 +1,4 @@
-"""The ``guessgrad`` command: ``train``, ``reproduce``, ``report``, ``diagnose`` (and
-``bench`` where :mod:`guessgrad.bench` is installed).
+"""The ``guessgrad`` command: ``train``, ``reproduce``, ``report``, ``diagnose`` and ``bench``.
 
     guessgrad train --method w-perp --k 10 --width 128 --epochs 300
     guessgrad reproduce table3 --quick
@@ -12,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
-import importlib.util
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
 from .. import __version__
-from ..experiments.runner import plain_warnings
 from .common import UsageError
 
 __all__ = ["main", "build_parser"]
@@ -62,36 +58,9 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    """``guessgrad bench``, delegated to ``guessgrad.bench`` if that module exists."""
-    if importlib.util.find_spec("guessgrad.bench") is None:
-        return
-    try:
-        bench = importlib.import_module("guessgrad.bench")
-    except Exception as err:  # a broken optional module must not break the other commands
-        reason = f"{type(err).__name__}: {err}"
-        p = sub.add_parser("bench", help="benchmarks (unavailable: failed to import)")
-
-        def unavailable(_args: argparse.Namespace) -> int:
-            raise UsageError(f"guessgrad.bench could not be imported: {reason}")
-
-        p.set_defaults(func=unavailable)
-        return
-    p = sub.add_parser("bench", help="benchmarks of the estimators and solvers")
-    bench.configure_parser(p)
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return bench.main(args)
-        except ValueError as err:  # bad option values
-            raise UsageError(str(err)) from None
-
-    p.set_defaults(func=run)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``guessgrad`` argument parser with every subcommand."""
-    from . import diagnose, reproduce, train
+    from . import bench, diagnose, reproduce, train
 
     parser: _Parser = _Parser(
         prog="guessgrad",
@@ -103,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.configure_parser(sub)
     reproduce.configure_parsers(sub)
     diagnose.configure_parser(sub)
-    _bench_parser(sub)
+    bench.configure_parser(sub)
     parser.commands = dict(sub.choices)
     return parser
 
@@ -112,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ..experiments.runner import plain_warnings
+
     formatter = warnings.formatwarning
     plain_warnings()  # for the command's own lines; the caller's formatting comes back after
     try:

@@ -1,4 +1,8 @@
-"""Option types and checks shared by the subcommands."""
+"""Option types and checks shared by the subcommands.
+
+The parsers are built without importing PyTorch (``guessgrad --help`` and a bad option answer
+at once); what needs it is imported where it is used.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..estimators import ESTIMATORS, make_estimator
-from ..training import TrainConfig, resolve_device
+from ..config import METHODS, TrainConfig
 
 __all__ = [
     "UsageError",
@@ -99,7 +100,7 @@ def add_estimator_options(p: argparse.ArgumentParser, *, default_method: str) ->
         "--method",
         default=default_method,
         metavar="NAME",
-        help=f"estimator: {', '.join(ESTIMATORS)} (default: %(default)s)",
+        help=f"estimator: {', '.join(METHODS)} (default: %(default)s)",
     )
     p.add_argument("--k", type=k_value, help="W̃⊥ subspace size k, or 'rank' (paper: 10)")
     p.add_argument("--solver", help="W̃⊥ solver: svd (exact), subspace (fast), newton-schulz")
@@ -113,6 +114,8 @@ def estimator_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def check_estimator(method: str, options: dict[str, Any]) -> None:
     """Build the estimator once, so that a bad name or option is a usage error."""
+    from ..estimators import make_estimator
+
     try:
         make_estimator(method, **options)
     except ValueError as err:
@@ -121,6 +124,8 @@ def check_estimator(method: str, options: dict[str, Any]) -> None:
 
 def device_name(device: str) -> str:
     """The concrete device for ``auto|cpu|cuda|mps``."""
+    from ..training import resolve_device
+
     try:
         return str(resolve_device(device))
     except ValueError as err:
@@ -144,6 +149,8 @@ def default_jobs() -> int:
 
 def set_threads(threads: int | None) -> None:
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
 
 

@@ -7,14 +7,8 @@ import argparse
 import contextlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch.torch_version import TorchVersion
-
-from ..data import mnist1d
-from ..estimators import make_estimator
-from ..metrics import diagnose
-from ..training import error_summary, initial_model
 from .common import (
     UsageError,
     add_estimator_options,
@@ -27,6 +21,9 @@ from .common import (
     positive_int,
     set_threads,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["configure_parser", "run"]
 
@@ -77,6 +74,11 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model weights of a run directory, ``model.pt`` or ``checkpoint.pt``, loaded without
     running code from the file (``weights_only``)."""
+    import torch
+    from torch.torch_version import TorchVersion
+
+    from ..training import error_summary
+
     if path.is_dir():
         found = [path / n for n in ("model.pt", "checkpoint.pt") if (path / n).exists()]
         if not found:
@@ -104,6 +106,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _shape(state: dict[str, torch.Tensor]) -> tuple[int, int] | None:
     """(hidden width, hidden layers) of an MLP's ``state_dict``, None if it is not one."""
+    import torch
+
     weights = [v for k, v in state.items() if k.endswith("weight")]
     if len(weights) < 2 or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights):
         return None
@@ -115,6 +119,13 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import mnist1d
+    from ..estimators import make_estimator
+    from ..metrics import diagnose
+    from ..training import initial_model
+
     options = estimator_options(args)
     check_estimator(args.method, options)
     state = _load_weights(args.checkpoint) if args.checkpoint is not None else None

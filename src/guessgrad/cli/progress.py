@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
-from ..experiments.runner import Outcome
+if TYPE_CHECKING:
+    from ..experiments.runner import Outcome
 
 __all__ = ["TrainProgress", "SweepProgress"]
 

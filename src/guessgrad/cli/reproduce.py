@@ -17,10 +17,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..experiments import EXPERIMENTS, Experiment, plan, report, run_tasks, unavailable_methods
 from .common import UsageError, default_jobs, device_name, out_path, output_dir, positive_int
 from .progress import SweepProgress
+
+if TYPE_CHECKING:
+    from ..experiments import Experiment
 
 __all__ = [
     "configure_parsers",
@@ -29,7 +32,12 @@ __all__ = [
     "Selection",
     "select",
     "folder_name",
+    "EXPERIMENT_NAMES",
 ]
+
+#: the experiments' names, ``guessgrad.experiments.EXPERIMENTS``' keys, known to the parser
+#: without importing the experiments (and PyTorch)
+EXPERIMENT_NAMES = ("table1", "table2", "table3", "table4", "table5", "fig1", "fig2")
 
 
 def _seed_list(text: str) -> list[int]:
@@ -67,7 +75,7 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
-    names = ", ".join([*EXPERIMENTS, "all"])
+    names = ", ".join([*EXPERIMENT_NAMES, "all"])
     p.add_argument("experiment", metavar="EXPERIMENT", help=f"one of {names}")
     p.add_argument(
         "--seeds",
@@ -159,6 +167,8 @@ def folder_name(
 def select(args: argparse.Namespace) -> list[Selection]:
     """The experiments named by ``args.experiment`` with ``--quick``, ``--widths``,
     ``--methods``, ``--seeds`` and ``--epochs`` applied."""
+    from ..experiments import EXPERIMENTS
+
     name = args.experiment
     if name != "all" and name not in EXPERIMENTS:
         raise UsageError(
@@ -237,6 +247,8 @@ def _join(values: object) -> str:
 
 
 def _render(selections: list[Selection], out: Path, quiet: bool) -> None:
+    from ..experiments import report, unavailable_methods
+
     unavailable = unavailable_methods(s.experiment for s in selections)
     for s in selections:
         markdown = report(
@@ -271,6 +283,8 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_reproduce(args: argparse.Namespace) -> int:
+    from ..experiments import plan, run_tasks, unavailable_methods
+
     selections = select(args)
     if args.report_only:
         _render(selections, _stored(args.out, args.experiment), args.quiet)

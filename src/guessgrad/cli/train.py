@@ -13,9 +13,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..curves import draw_curves, read_metrics
-from ..data import mnist1d
-from ..training import RunDirectoryConflict, TrainConfig, build_estimator, train
+from ..config import TrainConfig
 from .common import (
     UsageError,
     add_estimator_options,
@@ -93,6 +91,8 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
 
 def _notes(config: TrainConfig, examples: int) -> list[str]:
     """Settings that run, but not as the numbers may suggest."""
+    from ..training import build_estimator
+
     notes = []
     k = build_estimator(config).options().get("k")  # the estimator's own default too
     if isinstance(k, int) and k >= config.width:
@@ -109,6 +109,10 @@ def _notes(config: TrainConfig, examples: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..curves import draw_curves, read_metrics
+    from ..data import mnist1d
+    from ..training import RunDirectoryConflict, train
+
     options = estimator_options(args)
     check_estimator(args.method, options)
     config = make_config(
