@@ -224,14 +224,33 @@ def test_block_krylov_matches_svd_with_a_spectral_gap():
     ref = top_right_singular(w, 3)
     assert spectral_distance(projector(basis), projector(ref)) < 1e-2
     assert subspace_fidelity(w, basis, 3) > 1 - 1e-6
-    # Krylov vectors that add nothing beyond rounding are dropped, so on this steep spectrum
-    # more depth cannot make it worse (the monomial basis saturates near 1e-3)
-    deeper, _ = block_krylov(DenseJacobian(w), 3, start_for(3, 16), depth=3)
-    assert spectral_distance(projector(deeper), projector(ref)) < 2e-3
     assert next_start.shape == (3, 16)
     torch.testing.assert_close(
         next_start @ next_start.T, torch.eye(3, dtype=F64), atol=1e-12, rtol=0
     )
+
+
+def test_more_krylov_depth_does_not_break_on_a_steep_spectrum():
+    """σ_j = 2^-j: the monomial Krylov basis saturates near 1e-3, and the vectors it adds
+    beyond depth 2 carry little but rounding.  They are dropped where the float64 Gram cannot
+    resolve them, so depth 3 and 4 stay within a small factor of depth 2 (with a floor on the
+    residual² a tenth of this one, some of these seeds came out 33× and 226× worse than at
+    depth 2, up to a spectral distance of 1.0, depending on the LAPACK)."""
+    ratios = []
+    for seed in range(8, 32):
+        gen = torch.Generator().manual_seed(seed)
+        w = decaying(5, 12, 16, 0.5, gen)
+        ref = projector(top_right_singular(w, 3))
+        dist = [
+            spectral_distance(
+                projector(block_krylov(DenseJacobian(w), 3, start_for(3, 16), depth=d)[0]), ref
+            )
+            for d in (2, 3, 4)
+        ]
+        assert max(dist) < 2e-2
+        ratios.append(max(dist[1:]) / dist[0])
+    assert max(ratios) < 3
+    assert sorted(ratios)[len(ratios) // 2] < 1.01  # typically no worse at all
 
 
 def test_block_krylov_converges_with_depth_at_a_moderate_gap():

@@ -335,7 +335,7 @@ def train(
         "git_modified": modified,
         "source_digest": source_digest(),
         "device": str(device),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: loadable with weights_only
         "estimator": repr(estimator),
         "hardware": hardware(device),
     }

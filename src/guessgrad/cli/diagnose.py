@@ -86,7 +86,8 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.exists():
         raise UsageError(f"no weights at {path}")
-    # checkpoints record torch's version, a TorchVersion: allowed where torch (>= 2.5) can
+    # older checkpoints record torch's version as a TorchVersion: allowed where torch (>= 2.5)
+    # can; newer ones record a str
     safe = getattr(torch.serialization, "safe_globals", None)
     try:
         with safe([TorchVersion]) if safe is not None else contextlib.nullcontext():

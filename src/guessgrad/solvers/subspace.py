@@ -167,9 +167,14 @@ _GRAM_JITTERS = (10.0, 1e2, 1e10)
 #: a Krylov vector whose residual², after projecting out the earlier ones, is below
 #: max((_DEPENDENT·eps)², _GRAM_FLOOR·eps64) of its own norm² counts as dependent and is dropped
 #: from the Ritz problem: rounding in Y_{j+1} = ωG Y_j (relative size eps) enters T amplified
-#: by 1/residual, and the float64 Gram resolves residual² only down to a few eps64
+#: by 1/residual, and a residual computed from the float64 Gram (Cholesky QR, whose error grows
+#: as eps64·κ²) is trustworthy only above sqrt(eps64): the second floor is a residual of
+#: 100·sqrt(eps64) ≈ 1.5e-6.  For float32 vectors the first term (a residual of 1e3·eps32 ≈
+#: 1.2e-4) is the larger; the second decides for float64 ones, where a floor of 1e3·eps64 on
+#: residual² kept vectors whose residual² the Gram gave only to within 10% (at depth 3 and 4 on
+#: a steep spectrum, subspaces up to 1.0 off in spectral distance, depending on the LAPACK)
 _DEPENDENT = 1e3
-_GRAM_FLOOR = 1e3
+_GRAM_FLOOR = 1e4
 
 
 @dataclass(frozen=True)
