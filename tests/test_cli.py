@@ -71,38 +71,46 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "says"),
     [
-        ["train", "--method", "no-such-method"],
-        ["train", "--method", "w-perp", "--k", "0"],
-        ["train", "--method", "w-transpose", "--k", "3"],
-        ["train", "--method", "w-perp", "--solver", "magic"],
-        ["train", "--width", "-4"],
-        ["train", "--lr", "nan"],
-        ["train", "--lr", "inf"],
-        ["train", "--weight-decay", "inf"],
-        ["train", "--seed", "-1"],
-        ["train", "--out", ""],  # an unset shell variable: not the working directory
-        ["train", "--sigma", "1e-3"],  # w-perp has no σ
-        ["train", "--method", "w-perp-ns", "--solver", "svd"],
-        ["reproduce", "table3", "--widths", ","],
-        ["reproduce", "table3", "--seeds", "0"],
-        ["bench", "--methods", ","],
-        ["bench", "--width", "abc"],
-        ["diagnose", "--seed", "-2"],
-        ["train", "--device", "tpu"],
-        ["reproduce", "table9"],
-        ["reproduce", "table3", "--seeds", "0,0"],
-        ["reproduce", "table3", "--widths", "7"],
-        ["reproduce", "table3", "--jobs", "0"],
-        ["reproduce", "table4", "--methods", "no-such-method"],
-        ["reproduce", "table4", "--methods", ","],
-        ["report", "all", "--methods", "w-perp-ns", "--widths", "64"],
-        ["report", "fig3"],
-        ["frobnicate"],
+        (["train", "--method", "no-such-method"], "unknown estimator 'no-such-method'"),
+        (["train", "--method", "w-perp", "--k", "0"], "--k: expected a positive integer or 'rank'"),
+        (["train", "--method", "w-transpose", "--k", "3"], "'w-transpose' has no option 'k'"),
+        (["train", "--method", "w-perp", "--solver", "magic"], "unknown solver 'magic'"),
+        (["train", "--width", "-4"], "--width: expected a positive integer, got '-4'"),
+        (["train", "--lr", "nan"], "--lr: expected a finite positive number, got 'nan'"),
+        (["train", "--lr", "inf"], "--lr: expected a finite positive number, got 'inf'"),
+        (["train", "--weight-decay", "inf"], "--weight-decay: expected a finite number >= 0"),
+        (["train", "--seed", "-1"], "--seed: expected an integer >= 0, got '-1'"),
+        # an unset shell variable: not the working directory
+        (["train", "--out", ""], "--out: expected a directory, got an empty path"),
+        (["train", "--sigma", "1e-3"], "'w-perp' has no option 'sigma'"),  # w-perp has no σ
+        (
+            ["train", "--method", "w-perp-ns", "--solver", "svd"],
+            "'w-perp-ns' has no option 'solver'",
+        ),
+        (["reproduce", "table3", "--widths", ","], "--widths: expected widths like 64,128"),
+        (["reproduce", "table3", "--seeds", "0"], "(seed 0 alone: 1, or 0,)"),
+        (["bench", "--methods", ","], "--methods: expected names like backprop,w-perp"),
+        (["bench", "--width", "abc"], "--width: expected a positive integer, got 'abc'"),
+        (["diagnose", "--seed", "-2"], "--seed: expected an integer >= 0, got '-2'"),
+        (["train", "--device", "tpu"], "unknown device 'tpu'"),
+        (["reproduce", "table9"], "unknown experiment 'table9'"),
+        (["reproduce", "table3", "--seeds", "0,0"], "expected distinct seeds >= 0, got '0,0'"),
+        (["reproduce", "table3", "--widths", "7"], "table3 has no cells at widths 7"),
+        (["reproduce", "table3", "--jobs", "0"], "--jobs: expected a positive integer, got '0'"),
+        (["reproduce", "table4", "--methods", "no-such-method"], "no method 'no-such-method'"),
+        (["reproduce", "table4", "--methods", ","], "--methods: expected names like"),
+        (
+            ["report", "all", "--methods", "w-perp-ns", "--widths", "64"],
+            "no experiment has cells at widths 64 of w-perp-ns",
+        ),
+        (["report", "fig3"], "unknown experiment 'fig3'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
-def test_bad_input_is_one_line_and_status_2(argv: list[str], capsys) -> None:
+def test_bad_input_is_one_line_and_status_2(argv: list[str], says: str, capsys) -> None:
+    """Each bad input is refused with status 2 and one line naming what is wrong."""
     try:
         status = main(argv)
     except SystemExit as exit_:  # argparse's own errors
@@ -110,7 +118,7 @@ def test_bad_input_is_one_line_and_status_2(argv: list[str], capsys) -> None:
     assert status == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert "error" in err
+    assert "error" in err and says in err, err
 
 
 def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatch) -> None:

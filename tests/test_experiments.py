@@ -171,6 +171,8 @@ def test_interrupted_sweep_recomputes_nothing_finished(tmp_path: Path, monkeypat
     store = RunStore(tmp_path)
     finished = [t for t in tasks if t.done(store)]
     assert len(finished) == 1
+    started = [t for t in tasks if (store.run_dir(t.config) / "checkpoint.pt").exists()]
+    assert len(started) == 1 and not started[0].done(store)  # one epoch of it is stored
     stamp = {
         t.label(): (store.run_dir(t.config) / "final.json").stat().st_mtime_ns for t in finished
     }
@@ -188,7 +190,10 @@ def test_interrupted_sweep_recomputes_nothing_finished(tmp_path: Path, monkeypat
     assert {o.status for o in outcomes} == {"done"}
     for t in finished:
         assert (store.run_dir(t.config) / "final.json").stat().st_mtime_ns == stamp[t.label()]
-    # the interrupted run resumed from its checkpoint: exactly one line per epoch
+    # the interrupted run resumed from its checkpoint after epoch 1 (a second session), and
+    # every run has exactly one line per epoch
+    final = json.loads((store.run_dir(started[0].config) / "final.json").read_text())
+    assert [session["from_epoch"] for session in final["sessions"]] == [0, 1]
     for t in tasks:
         lines = (store.run_dir(t.config) / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
@@ -235,7 +240,10 @@ def test_probe_tasks_write_measurements(tmp_path: Path) -> None:
     assert ov["layers"][2]["rank_max"] <= 8
     markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=1)
     row = next(line for line in markdown.splitlines() if line.startswith("| W̃ᵀ |"))
-    assert "—" not in row and "5.2" not in row[:6]
+    # the table shows the stored measurements: layer 0's bias at init, layer 1's mean rank
+    _, bias, rank = (cell.strip() for cell in row.strip("|").split("|"))
+    assert float(bias) == pytest.approx(diag["layers"][0]["bias"], rel=5e-3)
+    assert float(rank) == pytest.approx(ov["layers"][1]["rank_mean"], abs=0.05)
 
 
 # ---------------------------------------------------------------------------------------

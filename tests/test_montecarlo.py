@@ -9,7 +9,9 @@ so the mean weight estimate is Σ_b (C_b g_b) x_bᵀ, and weight perturbation is
 Every test here is probabilistic: it uses fixed seeds, and its tolerance is 5 standard errors
 computed from the sample variance of the very draws it averages.  Independent draws come from
 one forward pass over the batch repeated R times (each copy gets its own guesses); the loss of
-that pass is the mean over R·B examples, so its d_b are rescaled by R.
+that pass is the mean over R·B examples, so its d_b are rescaled by R.  Each test also shows
+its power: the same draws reject the nearby wrong laws it is meant to tell apart (a mean of g
+instead of C g, a scale off by 15%, another coefficient of the fourth-moment term).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import guessgrad
 from guessgrad.metrics import true_gradients
 
-REPS = 2000
+REPS = 8000
 BATCH = 3
 Z = 5.0
 
@@ -73,15 +75,27 @@ def mat_vec(c, v):
     return (c @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def _excess(samples, expected):
+    """The largest amount by which the mean over the first axis of ``samples`` misses
+    ``expected`` by more than Z standard errors (≤ 0: within), the allowance for rounding,
+    and the standard errors."""
+    n = samples.shape[0]
+    se = samples.std(0) / n**0.5
+    worst = float(((samples.mean(0) - expected).abs() - Z * se).max())
+    return worst, 1e-12 * (1 + float(expected.abs().max())), se
+
+
 def assert_within(samples, expected, *, what):
     """mean over the first axis of ``samples`` is within Z standard errors of ``expected``."""
-    n = samples.shape[0]
-    mean = samples.mean(0)
-    se = samples.std(0) / n**0.5
-    excess = (mean - expected).abs() - Z * se
-    worst = float(excess.max())
-    assert worst <= 1e-12 * (1 + float(expected.abs().max())), f"{what}: {worst}"
+    worst, allowed, se = _excess(samples, expected)
+    assert worst <= allowed, f"{what}: {worst}"
     return se
+
+
+def rejects(pairs):
+    """Whether the check of :func:`assert_within` fails for at least one ``(samples,
+    expected)`` pair: the draws tell ``expected`` apart from the truth."""
+    return any(worst > allowed for worst, allowed, _ in (_excess(s, e) for s, e in pairs))
 
 
 @pytest.fixture
@@ -96,23 +110,22 @@ def mc_batch(mc_model, make_batch):
 
 def test_mean_estimate_is_c_times_g(forward_case, mc_model, mc_batch):
     """Probabilistic: the mean of ĝ_i = d·y_i over draws converges to C_i g_i at every layer
-    (to g_i where C_i g_i = g_i: activation perturbation, k = rank, the output layer)."""
+    (to g_i where C_i g_i = g_i: activation perturbation, k = rank, the output layer), and the
+    same draws reject C_i g_i scaled by 0.85 or 1.15 and, for the biased methods, g_i itself."""
     x, y = mc_batch
     data = draws(forward_case, mc_model, x, y)
-    discriminated = False
-    for i, (g_hat, c, g) in enumerate(zip(data["g_hat"], data["cov"], data["g"])):
-        cg = mat_vec(c, g)
-        se = assert_within(g_hat, cg, what=f"layer {i}")
-        # power: somewhere the bias (C − I) g exceeds 3·Z standard errors, so a mean that
-        # converged to g instead of C g would have failed the check above
-        if float(((cg - g).abs() / se.clamp_min(1e-300)).max()) > 3 * Z:
-            discriminated = True
-    name = forward_case.name
-    if name in ("activation-perturbation",) or forward_case.options.get("k") == "rank":
+    layers = list(zip(data["g_hat"], data["cov"], data["g"]))
+    for i, (g_hat, c, g) in enumerate(layers):
+        assert_within(g_hat, mat_vec(c, g), what=f"layer {i}")
+    for scale in (0.85, 1.15):
+        assert rejects((g_hat, scale * mat_vec(c, g)) for g_hat, c, g in layers), scale
+    name, k = forward_case.name, forward_case.options.get("k")
+    if name == "activation-perturbation" or k == "rank":
         for c, g in zip(data["cov"], data["g"]):
             torch.testing.assert_close(mat_vec(c, g), g, rtol=0, atol=1e-12)
-    if name in ("w-transpose", "w-perp-bottom"):
-        assert discriminated  # the test sees these methods' bias
+    if name in ("w-transpose", "w-perp-bottom") or (name == "w-perp" and k == 3):
+        # the test sees these methods' bias: a mean of g would have failed
+        assert rejects((g_hat, g) for g_hat, _, g in layers)
 
 
 def test_unbiased_where_the_paper_says(mc_model, mc_batch):
@@ -166,13 +179,27 @@ def test_second_moment_law(forward_case, mc_model, mc_batch):
     data = draws(forward_case, mc_model, x, y)
     covs, gs = data["cov"], data["g"]
     total = sum((mat_vec(c, g) * g).sum(1) for c, g in zip(covs, gs))  # (B,)
-    for i, (g_hat, c, g) in enumerate(zip(data["g_hat"], covs, gs)):
-        cg = mat_vec(c, g)
-        second = total.unsqueeze(1) * torch.diagonal(c, dim1=1, dim2=2) + 2 * cg.square()
-        se = assert_within(g_hat.square(), second, what=f"E ĝ² layer {i}")
-        assert float((se / second.clamp_min(1e-300))[second > 0].max()) < 0.5  # has power
-        mse = second - 2 * g * cg + g.square()
+
+    def law(coefficient=2.0, scale=1.0):
+        # (Σ_j g_jᵀC_jg_j) diag C_i + coefficient·(C_i g_i)^∘2 per layer, times scale
+        return [
+            scale
+            * (
+                total.unsqueeze(1) * torch.diagonal(c, dim1=1, dim2=2)
+                + coefficient * mat_vec(c, g).square()
+            )
+            for c, g in zip(covs, gs)
+        ]
+
+    squares = [g_hat.square() for g_hat in data["g_hat"]]
+    for i, (sq, second, g_hat, c, g) in enumerate(zip(squares, law(), data["g_hat"], covs, gs)):
+        assert_within(sq, second, what=f"E ĝ² layer {i}")
+        mse = second - 2 * g * mat_vec(c, g) + g.square()
         assert_within((g - g_hat).square(), mse, what=f"E (g − ĝ)² layer {i}")
+    # power: the draws tell the Gaussian fourth moment's coefficient 2 from 1 and 3, and the
+    # law from itself 10% larger
+    for wrong in (law(coefficient=1.0), law(coefficient=3.0), law(scale=1.1)):
+        assert rejects(zip(squares, wrong))
 
 
 def test_weight_perturbation_is_unbiased(mc_model, mc_batch):
@@ -190,9 +217,13 @@ def test_weight_perturbation_is_unbiased(mc_model, mc_batch):
     torch.nn.functional.cross_entropy(reference(x), y).backward()
     true = torch.cat([p.grad.flatten() for p in reference.parameters()])
     assert_within(samples, true, what="weight perturbation")
-    # E[(∇L·V)² V_j²] = ‖∇L‖² + 2 (∇L)_j²: the closed-form second moment
+    assert rejects([(samples, 0.5 * true)]) and rejects([(samples, 2 * true)])  # power
+    # E[(∇L·V)² V_j²] = ‖∇L‖² + 2 (∇L)_j²: the closed-form second moment.  With 302 weights
+    # the 2 (∇L)_j² term is below what 1500 draws resolve; they do pin the law's scale
     second = true.square().sum() + 2 * true.square()
     assert_within(samples.square(), second, what="weight perturbation second moment")
+    assert rejects([(samples.square(), 0.67 * second)])
+    assert rejects([(samples.square(), 1.25 * second)])
 
 
 @pytest.mark.parametrize(
@@ -217,3 +248,49 @@ def test_diagnose_monte_carlo_converges_to_exact(name, options, mc_model, mc_bat
         assert abs(rec.bias_mc - rec.bias) <= tol_bias + 1e-15
         assert abs(rec.variance - rec.variance_exact) <= tol_var + 1e-15
         assert tol_var < 0.5 * rec.variance_exact  # the comparison has power
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("activation-perturbation", {}), ("w-transpose", {}), ("w-perp", {"k": 3})],
+)
+def test_diagnose_statistics_are_those_of_its_own_draws(name, options, mc_model, mc_batch):
+    """diagnose's ``bias`` is Eq. 17 from the guess covariance, and its ``bias_mc`` and
+    ``variance`` are the Monte-Carlo Eq. 17 and Eq. 18 of its draws: the same draws, made again
+    here from the same generator (every draw from a fresh estimator state, as diagnose does),
+    give the same numbers, computed from the stacked draws."""
+    x, y = mc_batch
+    samples = 40
+    records = guessgrad.diagnose(
+        mc_model,
+        x,
+        y,
+        guessgrad.make_estimator(name, **options),
+        samples=samples,
+        generator=seeded(5),
+    )
+    layers = guessgrad.linear_layers(mc_model)
+    g, _ = true_gradients(layers, x, y)
+    gen, covs, g_hats = seeded(5), {}, []
+
+    def record(site, guess, state):
+        if site.index not in covs:
+            covs[site.index] = guess.covariance(site, state)
+
+    with torch.no_grad():
+        for _ in range(samples):
+            tp = guessgrad.make_estimator(name, **options).tangent_pass(
+                layers, x, y, generator=gen, on_site=record
+            )
+            g_hats.append([tp.d.unsqueeze(1) * v for v in tp.injected])
+    assert [rec.layer for rec in records] == list(range(len(layers) - 1))
+    for rec in records:
+        i = rec.layer
+        g_hat = torch.stack([draw[i] for draw in g_hats])  # (S, B, n)
+        bias = (mat_vec(covs[i], g[i]) - g[i]).mean(0)  # Eq. 17: mean over the batch
+        mc_bias = (g_hat - g[i]).mean((0, 1))
+        mse = (g_hat - g[i]).square().mean((0, 1))  # Eq. 18 before the bias is taken out
+        assert rec.bias == pytest.approx(float(bias.norm()), rel=1e-9)
+        assert rec.bias_mc == pytest.approx(float(mc_bias.norm()), rel=1e-9)
+        assert rec.variance == pytest.approx(float((mse - bias.square()).norm()), rel=1e-9)
+        assert rec.bias_mc != pytest.approx(rec.bias, rel=1e-3)  # Monte Carlo, not exact

@@ -91,5 +91,6 @@ def test_wperp_step_split_times_both_solver_phases(capsys):
     assert (subspace._krylov_gram, subspace._ritz_coefficients) == originals
     row = capsys.readouterr().out.splitlines()[-1].strip("|").split("|")
     step, krylov, ritz, rest = (float(cell.split()[0]) for cell in row[1:])
-    assert row[0].strip() == "16" and min(step, krylov, ritz) > 0
-    assert krylov + ritz + rest == pytest.approx(step, rel=0.5)
+    assert row[0].strip() == "16" and min(step, krylov, ritz, rest) > 0
+    # each phase runs inside every step, so its median is below the step's
+    assert max(krylov, ritz, rest) < step

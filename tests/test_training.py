@@ -140,7 +140,17 @@ def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Pat
     assert resumed["train_accuracy"] == reference["train_accuracy"]
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     assert resumed["steps"] == reference["steps"]
-    assert [m["epoch"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
+    lines = _metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    # the same trajectory, not only the same coarse accuracies: every epoch's loss and the
+    # final weights, bit for bit
+    ref_lines = _metrics(tmp_path / "ref" / "metrics.jsonl")
+    assert [m["train_loss"] for m in lines] == [m["train_loss"] for m in ref_lines]
+    weights = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    ref_weights = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)
+    assert weights.keys() == ref_weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, ref_weights[name]), name
 
 
 def test_a_resumed_run_records_each_session_and_warns_of_other_code(
