@@ -81,7 +81,8 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
         (["train", "--lr", "nan"], "--lr: expected a finite positive number, got 'nan'"),
         (["train", "--lr", "inf"], "--lr: expected a finite positive number, got 'inf'"),
         (["train", "--weight-decay", "inf"], "--weight-decay: expected a finite number >= 0"),
-        (["train", "--seed", "-1"], "--seed: expected an integer >= 0, got '-1'"),
+        (["train", "--seed", "-1"], "--seed: expected an integer in [0, 2**62], got '-1'"),
+        (["train", "--seed", str(2**64 - 1)], "--seed: expected an integer in [0, 2**62]"),
         # an unset shell variable: not the working directory
         (["train", "--out", ""], "--out: expected a directory, got an empty path"),
         (["train", "--sigma", "1e-3"], "'w-perp' has no option 'sigma'"),  # w-perp has no σ
@@ -93,7 +94,7 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
         (["reproduce", "table3", "--seeds", "0"], "(seed 0 alone: 1, or 0,)"),
         (["bench", "--methods", ","], "--methods: expected names like backprop,w-perp"),
         (["bench", "--width", "abc"], "--width: expected a positive integer, got 'abc'"),
-        (["diagnose", "--seed", "-2"], "--seed: expected an integer >= 0, got '-2'"),
+        (["diagnose", "--seed", "-2"], "--seed: expected an integer in [0, 2**62], got '-2'"),
         (["train", "--device", "tpu"], "unknown device 'tpu'"),
         (["reproduce", "table9"], "unknown experiment 'table9'"),
         (["reproduce", "table3", "--seeds", "0,0"], "expected distinct seeds >= 0, got '0,0'"),

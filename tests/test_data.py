@@ -145,12 +145,21 @@ def test_no_cache_never_touches_disk(monkeypatch, tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
-def test_damaged_cache_file_is_regenerated(monkeypatch, tmp_path):
+@pytest.mark.parametrize("damage", ["not an npz", "truncated", "one byte flipped"])
+def test_damaged_cache_file_is_regenerated(monkeypatch, tmp_path, damage):
     monkeypatch.setenv("GUESSGRAD_CACHE", str(tmp_path))
     monkeypatch.setattr(loader, "_generate", fake_arrays)
     guessgrad.data.mnist1d()
     (path,) = tmp_path.iterdir()
-    path.write_bytes(b"not an npz file")
+    whole = path.read_bytes()
+    if damage == "not an npz":
+        path.write_bytes(b"not an npz file")
+    elif damage == "truncated":  # an interrupted copy: a zip without its directory
+        path.write_bytes(whole[: len(whole) // 2])
+    else:  # a bad CRC in the first member's data
+        flipped = bytearray(whole)
+        flipped[len(whole) // 4] ^= 0xFF
+        path.write_bytes(bytes(flipped))
     data = guessgrad.data.mnist1d()
     assert torch.equal(data.y_train, torch.as_tensor(fake_arrays()["y"]))
     with np.load(path) as f:  # rewritten whole

@@ -436,13 +436,15 @@ from guessgrad.experiments import Cell, Experiment, method, plan, run_tasks
 bp = method("backprop", "backprop")
 cell = Cell(row="8", col="bp", run=bp, width=8, quantity="train_accuracy")
 exp = Experiment(name="long", title="long", cells=(cell,), seeds=2, epochs=100000)
-run_tasks(plan(exp, seeds=[0, 1], epochs=100000), sys.argv[1], jobs=2)
+# 400 tasks: the ones no worker has taken fill more than a pipe's buffer (64 KiB) in the queue
+run_tasks(plan(exp, seeds=list(range(400)), epochs=100000), sys.argv[1], jobs=2)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_sigterm_to_the_sweep_stops_its_workers(tmp_path: Path) -> None:
-    """``kill -TERM`` of the parent alone (not its process group) ends the workers too."""
+    """``kill -TERM`` of the parent alone (not its process group) ends the workers too, and the
+    parent exits although hundreds of tasks were never taken from the queue."""
     import os
     import signal
     import subprocess

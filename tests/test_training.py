@@ -357,3 +357,58 @@ def test_error_summary_is_the_first_line_or_the_type() -> None:
     assert error_summary(ValueError("bad header\nat byte 3")) == "bad header"
     assert error_summary(EOFError()) == "EOFError"
     assert error_summary(RuntimeError("\nsecond line only")) == "RuntimeError"
+
+
+def test_a_run_another_process_is_training_is_waited_for_then_read(
+    data: MNIST1D, tmp_path: Path
+) -> None:
+    """While ``.lock`` is held (as by a second ``guessgrad train`` of the same run), train()
+    waits with a warning and writes nothing; once the holder has finished the run, it returns
+    that run instead of training it again."""
+    import fcntl
+    import threading
+
+    config, out = _config(epochs=2), tmp_path / "run"
+    out.mkdir()
+    epochs_seen: list[int] = []
+    result: dict = {}
+
+    def waiting() -> None:
+        result["final"] = train(
+            config, out_dir=out, data=data, on_epoch=lambda line: epochs_seen.append(1)
+        )
+
+    with warnings.catch_warnings(record=True) as caught, open(out / ".lock", "w") as holder:
+        warnings.simplefilter("always")
+        fcntl.flock(holder, fcntl.LOCK_EX)  # the other process
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        thread.join(timeout=1.0)
+        assert thread.is_alive() and not (out / "config.json").exists()
+        # the holder trains the run to the end, then lets go
+        finished = training._train(config, training.resolve_device("cpu"), out, data, None, None)
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert any("another process is training this run" in str(w.message) for w in caught)
+    assert epochs_seen == [] and result["final"] == finished
+
+
+def test_a_run_whose_weights_stop_being_finite_ends_with_an_error_for_svd(
+    data: MNIST1D, tmp_path: Path
+) -> None:
+    """The exact SVD cannot factorise non-finite W̃_b: the run stops with TrainingDiverged
+    (the last finished epoch's checkpoint kept) instead of a LAPACK traceback."""
+    config = _config(method="w-perp", options={"k": 2, "solver": "svd"}, lr=1e30, epochs=3)
+    with pytest.raises(training.TrainingDiverged, match="no longer finite at step"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the divergence warning of the epochs before
+            train(config, out_dir=tmp_path, data=data)
+    assert not (tmp_path / "final.json").exists()
+
+
+@pytest.mark.parametrize("seed", [-1, 2**62 + 1, 2**64, True, 1.0])
+def test_seeds_outside_the_range_of_torch_generators_are_refused(seed) -> None:
+    with pytest.raises(ValueError, match="seed must be"):
+        _config(seed=seed)
+    assert _config(seed=2**62).seed == 2**62  # the largest: seed + 2 000 003 still fits

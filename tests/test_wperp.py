@@ -349,3 +349,32 @@ def test_newton_schulz_guess_is_the_polynomial_of_each_example(monkeypatch, grou
     y = guess.sample(site, {}, generator=seeded(4))
     eps = torch.randn(6, 1, 24, generator=seeded(4), dtype=F64)
     torch.testing.assert_close(y, (eps @ factor).squeeze(1), rtol=0, atol=1e-12)
+
+
+def test_warm_start_follows_the_model_to_another_dtype():
+    """The Krylov warm start kept in the estimator's state is carried over (converted) when the
+    same estimator is used on the model in float64 after float32 steps."""
+    import guessgrad
+
+    torch.manual_seed(0)
+    model = guessgrad.MLP([10, 16, 16, 4])
+    x, y = torch.randn(32, 10), torch.randint(0, 4, (32,))
+    est = guessgrad.make_estimator("w-perp", k=4)
+    est.estimate(model, x, y, generator=torch.Generator().manual_seed(1))
+    starts = [layer["start"] for layer in est.state.values() if "start" in layer]
+    assert len(starts) == 1 and starts[0].dtype == torch.float32  # the 4-row layer: closed form
+    model64 = copy.deepcopy(model).double()
+    est.estimate(model64, x.double(), y, generator=torch.Generator().manual_seed(1))
+    assert all(layer["start"].dtype == torch.float64 for layer in est.state.values() if layer)
+    for p in model64.parameters():
+        assert p.grad.dtype == torch.float64 and bool(torch.isfinite(p.grad).all())
+
+
+def test_w_perp_takes_the_newton_schulz_refresh():
+    import guessgrad
+
+    est = guessgrad.WPerp(solver="newton-schulz", refresh=5)
+    assert est.guess.refresh == 5 and est.options()["refresh"] == 5
+    assert guessgrad.make_estimator("w-perp-ns", refresh=3).guess.refresh == 3
+    with pytest.raises(ValueError, match="refresh must be a positive integer"):
+        guessgrad.WPerp(solver="newton-schulz", refresh=0)

@@ -12,10 +12,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["METHODS", "TrainConfig"]
+__all__ = ["MAX_SEED", "METHODS", "TrainConfig"]
 
 #: the registry names of the built-in estimators, in registration order (what
 #: ``guessgrad.estimators.ESTIMATORS`` holds before anything else is registered)
+#: the largest seed: a run's generators are seeded with seed + 2 000 003 at most, which must
+#: fit torch's 64-bit seeds
+MAX_SEED = 2**62
+
 METHODS: tuple[str, ...] = (
     "backprop",
     "weight-perturbation",
@@ -51,6 +55,10 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed must be an integer, got seed={self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**62], got seed={self.seed!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got lr={self.lr!r}")
         if not self.weight_decay >= 0:

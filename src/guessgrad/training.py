@@ -35,7 +35,8 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,15 @@ from .data import MNIST1D, mnist1d
 from .estimators import Estimator, make_estimator
 from .models import MLP
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "TrainConfig",
     "RunDirectoryConflict",
+    "TrainingDiverged",
     "train",
     "evaluate",
     "build_estimator",
@@ -213,6 +220,12 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 4096) -> 
     return total_loss / x.shape[0], correct / x.shape[0]
 
 
+class TrainingDiverged(RuntimeError):
+    """The weights stopped being finite and the estimator cannot go on from them (a solver
+    that factorises W̃_b: the exact SVD, Newton–Schulz).  The checkpoint of the last
+    finished epoch is kept."""
+
+
 class RunDirectoryConflict(ValueError):
     """``out_dir`` holds a run that ``train`` must not return or resume for this config (and
     must not overwrite either: it may be hours of someone's training)."""
@@ -308,9 +321,53 @@ def train(
     from it.  Either of another config raises :class:`RunDirectoryConflict` (nothing is
     overwritten).  ``on_epoch`` receives each epoch's metrics line; ``on_step`` the step index
     and loss.
+
+    While it trains, ``out_dir`` is locked (``.lock``, POSIX ``flock``): a second process
+    training the same run waits for the first, with a warning, and then finds it finished.
     """
     device = resolve_device(config.device)
-    out = Path(out_dir) if out_dir is not None else None
+    if out_dir is None:
+        return _train(config, device, None, data, on_epoch, on_step)
+    out = Path(out_dir)
+    # a directory of another run or of something else is refused before anything is written
+    _check_stored_run(out, config, *_read_stored_run(out, device))
+    with _run_lock(out):
+        return _train(config, device, out, data, on_epoch, on_step)
+
+
+@contextmanager
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory ``out`` (waits for another process's run,
+    with a warning; no lock where ``fcntl`` is missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(out / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(
+                f"{out}: another process is training this run; waiting for it to finish",
+                stacklevel=3,
+            )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train(
+    config: TrainConfig,
+    device: torch.device,
+    out: Path | None,
+    data: MNIST1D | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+    on_step: Callable[[int, float], None] | None,
+) -> dict[str, Any]:
+    """:func:`train` once ``out`` (if any) is locked: the stored run is read again, since
+    another process may have trained it meanwhile."""
     final = ckpt = None
     if out is not None:
         final, ckpt = _read_stored_run(out, device)
@@ -348,8 +405,10 @@ def train(
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 estimator.state = ckpt["estimator_state"]
-                order_gen.set_state(ckpt["order_gen"])
-                guess_gen.set_state(ckpt["guess_gen"])
+                # generator states are CPU byte tensors whatever the device (map_location
+                # moved them with the rest)
+                order_gen.set_state(ckpt["order_gen"].cpu())
+                guess_gen.set_state(ckpt["guess_gen"].cpu())
                 start_epoch, steps, wall = ckpt["epoch"], ckpt["steps"], ckpt["wall_seconds"]
                 record["sessions"] = _resumed_sessions(ckpt, out, record, start_epoch)
         if start_epoch == 0:
@@ -367,9 +426,19 @@ def train(
         loss_sum, seen = 0.0, 0
         for i in range(0, n, config.batch_size):
             idx = perm[i : i + config.batch_size]
-            loss = estimator.estimate(
-                model, data.x_train[idx], data.y_train[idx], generator=guess_gen
-            )
+            try:
+                loss = estimator.estimate(
+                    model, data.x_train[idx], data.y_train[idx], generator=guess_gen
+                )
+            except torch.linalg.LinAlgError as err:
+                if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise
+                where = out if out is not None else config.slug()
+                raise TrainingDiverged(
+                    f"{where}: the weights are no longer finite at step {steps + 1} (epoch "
+                    f"{epoch + 1}): training diverged, and {estimator!r} cannot go on from "
+                    f"them (a smaller learning rate may help)"
+                ) from err
             optimizer.step()
             steps += 1
             loss_value = float(loss)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import METHODS, TrainConfig
+from ..config import MAX_SEED, METHODS, TrainConfig
 
 __all__ = [
     "UsageError",
@@ -21,6 +21,7 @@ __all__ = [
     "positive_float",
     "nonnegative_float",
     "nonnegative_int",
+    "seed_int",
     "out_path",
     "k_value",
     "add_estimator_options",
@@ -54,6 +55,17 @@ def nonnegative_int(text: str) -> int:
         value = -1
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A seed: an integer in [0, 2**62] (:data:`guessgrad.config.MAX_SEED`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**62], got {text!r}")
     return value
 
 

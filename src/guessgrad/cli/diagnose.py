@@ -16,9 +16,9 @@ from .common import (
     device_name,
     estimator_options,
     make_config,
-    nonnegative_int,
     out_path,
     positive_int,
+    seed_int,
     set_threads,
 )
 
@@ -50,7 +50,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
         help=f"hidden layers (default: the --checkpoint's, else {_DEPTH})",
     )
     p.add_argument(
-        "--seed", type=nonnegative_int, default=0, help="initial weights and guesses (default: 0)"
+        "--seed", type=seed_int, default=0, help="initial weights and guesses (default: 0)"
     )
     p.add_argument(
         "--checkpoint",

@@ -22,11 +22,11 @@ from .common import (
     estimator_options,
     make_config,
     nonnegative_float,
-    nonnegative_int,
     out_path,
     output_dir,
     positive_float,
     positive_int,
+    seed_int,
     set_threads,
 )
 from .progress import TrainProgress
@@ -78,7 +78,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seed",
-        type=nonnegative_int,
+        type=seed_int,
         default=_DEFAULTS.seed,
         help="seed of the initial weights, batch order and guesses (default: %(default)s)",
     )
@@ -111,7 +111,7 @@ def _notes(config: TrainConfig, examples: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..curves import draw_curves, read_metrics
     from ..data import mnist1d
-    from ..training import RunDirectoryConflict, train
+    from ..training import RunDirectoryConflict, TrainingDiverged, train
 
     options = estimator_options(args)
     check_estimator(args.method, options)
@@ -144,6 +144,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except RunDirectoryConflict as err:
         raise UsageError(str(err)) from None
+    except TrainingDiverged as err:
+        progress.close()
+        print(f"guessgrad train: error: {err}", file=sys.stderr)
+        return 1
     finally:
         progress.close()
     title = f"{config.method}, width {config.width}, depth {config.depth}, seed {config.seed}"

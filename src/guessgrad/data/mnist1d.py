@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,8 @@ def mnist1d(*, dtype: torch.dtype = torch.float32, cache: bool = True) -> MNIST1
         try:
             with np.load(path) as f:
                 arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError):
-            arrays = None  # a damaged cache file is regenerated
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            arrays = None  # a damaged (truncated, corrupted) cache file is regenerated
     if arrays is None:
         arrays = _generate()
         if cache:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..guesses import Guess, IsotropicGuess, Site, WPerpGuess, WPrecondGuess, WTransposeGuess
-from ..guesses.wperp import DEFAULT_CHUNK
+from ..guesses.wperp import DEFAULT_CHUNK, NS_REFRESH
 from ..solvers.subspace import DEFAULT_DEPTH
 from .base import Estimator
 from .forward_mode import TangentPass, tangent_forward
@@ -142,8 +142,11 @@ class WPerp(ForwardGradient):
         depth: int = DEFAULT_DEPTH,
         block: int | None = None,
         chunk: int | None = DEFAULT_CHUNK,
+        refresh: int = NS_REFRESH,
     ) -> None:
-        super().__init__(WPerpGuess(k, subspace, solver, depth=depth, block=block, chunk=chunk))
+        super().__init__(
+            WPerpGuess(k, subspace, solver, depth=depth, block=block, chunk=chunk, refresh=refresh)
+        )
 
     def options(self) -> dict[str, Any]:
         g = self.guess

@@ -24,7 +24,6 @@ import time
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -37,11 +36,6 @@ from ..training import TrainConfig, atomic_write_json, train
 from .measure import diagnostics_record, overlap_record
 from .paper import DIAG_BATCH, DIAG_SAMPLES
 from .spec import Experiment, Method, Probe
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "Task",
@@ -173,21 +167,6 @@ def _data() -> MNIST1D:
     return _DATA
 
 
-@contextmanager
-def _locked(run_dir: Path):
-    """Hold an exclusive lock on the run directory (waits for another process's run)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    with open(run_dir / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def execute(task: Task, root: str | Path, on_epoch: Any = None) -> Outcome:
     """Run ``task`` against the store at ``root``; never raises for a failing run."""
     store = RunStore(root)
@@ -198,10 +177,9 @@ def execute(task: Task, root: str | Path, on_epoch: Any = None) -> Outcome:
     try:
         data = _data()
         if task.probe is None:
-            with _locked(run_dir):
-                if task.done(store):  # finished by another process while we waited
-                    return Outcome(task, "skipped", message="finished elsewhere")
-                final = train(task.config, out_dir=run_dir, data=data, on_epoch=on_epoch)
+            # train() holds the run directory's lock: a run another process is training is
+            # waited for, and then read instead of trained again
+            final = train(task.config, out_dir=run_dir, data=data, on_epoch=on_epoch)
             (run_dir / "error.log").unlink(missing_ok=True)  # from an earlier failed attempt
             result = {k: final[k] for k in ("train_accuracy", "test_accuracy", "wall_seconds")}
         else:
@@ -429,6 +407,9 @@ def _run_pool(
     except BaseException:
         for proc in workers.values():
             proc.terminate()
+        # the tasks no worker took stay in the queue's pipe; past its buffer (64 KiB, a few
+        # hundred tasks) the queue's feeder thread would block this process's exit for good
+        tasks.cancel_join_thread()
         raise
     finally:
         if stop_on_term:

@@ -224,6 +224,8 @@ class WPerpGuess(Guess):
         start = state.get("start")
         if start is None or start.shape != (b, jac.cols):
             start = _initial_start(b, jac.cols, jac.dtype, jac.device)
+        else:  # a model moved to another device or dtype keeps its warm start
+            start = start.to(dtype=jac.dtype, device=jac.device)
         per_example = (self.depth + 2) * b * jac.cols * _itemsize(jac.dtype)
         chunk = self.chunk or max(1, CHUNK_BYTES // per_example)
         ritz = krylov_ritz(jac, min(k, jac.cols), start, depth=self.depth, chunk=chunk)
