@@ -14,12 +14,12 @@ from typing import Any
 
 __all__ = ["MAX_SEED", "METHODS", "TrainConfig"]
 
-#: the registry names of the built-in estimators, in registration order (what
-#: ``guessgrad.estimators.ESTIMATORS`` holds before anything else is registered)
 #: the largest seed: a run's generators are seeded with seed + 2 000 003 at most, which must
 #: fit torch's 64-bit seeds
 MAX_SEED = 2**62
 
+#: the registry names of the built-in estimators, in registration order (what
+#: ``guessgrad.estimators.ESTIMATORS`` holds before anything else is registered)
 METHODS: tuple[str, ...] = (
     "backprop",
     "weight-perturbation",
