@@ -362,10 +362,12 @@ def bad_batch_cases(model, x, y):
         ("short y", x, y[:-1], ValueError, rf"y must have shape \({n},\), got \({n - 1},\)"),
         ("2-d y", x, y.unsqueeze(1), ValueError, rf"y must have shape \({n},\)"),
         ("list x", x.tolist(), y, TypeError, "x and y must be tensors.*list"),
+        ("x on another device", x.to("meta"), y, ValueError, "x is on meta but the model is on"),
+        ("y on another device", x, y.to("meta"), ValueError, "y is on meta but x is on cpu"),
     ]
 
 
-@pytest.mark.parametrize("index", range(14))
+@pytest.mark.parametrize("index", range(16))
 def test_bad_batches_are_rejected(estimator_case, index, model, batch):
     x, y = batch
     case = bad_batch_cases(model, x, y)[index]

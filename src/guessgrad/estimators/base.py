@@ -37,6 +37,8 @@ def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
         raise ValueError(f"x is on {x.device} but the model is on {w.device}")
     if y.dim() != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
     classes = layers[-1].out_features
