@@ -8,6 +8,7 @@ never downloaded (the package's ``get_dataset`` would).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -53,6 +54,13 @@ def cache_dir() -> Path:
     return Path(base) / "guessgrad"
 
 
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:  # imported from a source tree
+        return "unknown"
+
+
 def _generate() -> dict[str, np.ndarray]:
     from mnist1d.data import get_dataset_args, make_dataset
 
@@ -66,11 +74,13 @@ def mnist1d(*, dtype: torch.dtype = torch.float32, cache: bool = True) -> MNIST1
     Args:
         dtype: floating dtype of the features.
         cache: read and write the on-disk cache (:func:`cache_dir`); the file is keyed by
-            the generator's arguments and written atomically.
+            the generator's arguments and the ``mnist1d`` package's version, and written
+            atomically.
     """
     from mnist1d.data import get_dataset_args
 
     args = {k: v for k, v in get_dataset_args(as_dict=True).items() if k != "url"}
+    args["mnist1d version"] = _package_version()  # another generator may give other data
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"mnist1d-{key}.npz"
     arrays: dict[str, np.ndarray] | None = None
