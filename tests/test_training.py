@@ -412,3 +412,17 @@ def test_seeds_outside_the_range_of_torch_generators_are_refused(seed) -> None:
     with pytest.raises(ValueError, match="seed must be"):
         _config(seed=seed)
     assert _config(seed=2**62).seed == 2**62  # the largest: seed + 2 000 003 still fits
+
+
+def test_device_names_are_checked_before_anything_runs(monkeypatch) -> None:
+    resolve = training.resolve_device
+    assert resolve("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cuda:abc", "cuda:", "cuda:-1", "cuda0"):
+        with pytest.raises(ValueError, match="unknown device"):
+            resolve(bad)
+    # as on a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"'cuda:7' requested but there are 1 CUDA device"):
+        resolve("cuda:7")
