@@ -38,35 +38,27 @@ class UsageError(Exception):
     """A bad option value: reported in one line, exit status 2."""
 
 
-def positive_int(text: str) -> int:
+def _integer(text: str, ok: Callable[[int], bool], what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _integer(text, lambda v: v >= 1, "a positive integer")
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _integer(text, lambda v: v >= 0, "an integer >= 0")
 
 
 def seed_int(text: str) -> int:
     """A seed: an integer in [0, 2**62] (:data:`guessgrad.config.MAX_SEED`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**62], got {text!r}")
-    return value
+    return _integer(text, lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**62]")
 
 
 def _finite(text: str, ok: Callable[[float], bool], what: str) -> float:
