@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import socket
+import stat
 
 import numpy as np
 import pytest
@@ -175,3 +177,29 @@ def test_to_device_keeps_everything():
     data = loader.MNIST1D(*(torch.as_tensor(arrays[k]) for k in ("x", "y", "x_test", "y_test")))
     moved = data.to("cpu")
     assert torch.equal(moved.x_train, data.x_train) and torch.equal(moved.y_test, data.y_test)
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_data(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("GUESSGRAD_CACHE points below a file, so no folder can be made there")
+    monkeypatch.setenv("GUESSGRAD_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(loader, "_generate", fake_arrays)
+    with pytest.warns(UserWarning, match="could not write the MNIST-1D cache .*GUESSGRAD_CACHE"):
+        data = guessgrad.data.mnist1d()
+    assert torch.equal(data.y_train, torch.as_tensor(fake_arrays()["y"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_the_cache_file_is_readable_like_any_other(monkeypatch, tmp_path):
+    """A cache folder shared by several users needs the umask's permissions, not the
+    owner-only ones of the temporary file the cache is written to first."""
+    monkeypatch.setenv("GUESSGRAD_CACHE", str(tmp_path))
+    monkeypatch.setattr(loader, "_generate", fake_arrays)
+    previous = os.umask(0o022)
+    try:
+        guessgrad.data.mnist1d()
+    finally:
+        os.umask(previous)
+    (path,) = tmp_path.iterdir()
+    assert path.suffix == ".npz" and stat.S_IMODE(path.stat().st_mode) == 0o644

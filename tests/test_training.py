@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import stat
 import subprocess
 import warnings
 from pathlib import Path
@@ -17,7 +15,6 @@ import guessgrad.training as training
 from guessgrad.data import MNIST1D
 from guessgrad.training import (
     TrainConfig,
-    atomic_write_json,
     error_summary,
     git_revision,
     initial_model,
@@ -306,31 +303,6 @@ def test_git_revision_only_from_a_checkout_that_tracks_the_package(tmp_path: Pat
     (tmp_path / "README").write_text("outside the package\n")
     (package / "training.py").write_text("# installed copy\n")
     assert git_revision(package) == (head, False)  # only the package's own files count
-
-
-def test_atomic_write_json_never_leaves_a_partial_file(tmp_path: Path) -> None:
-    path = tmp_path / "final.json"
-    atomic_write_json(path, {"a": 1})
-    with pytest.raises(TypeError):
-        atomic_write_json(path, {"a": object()})  # fails half-way through serialising
-    assert json.loads(path.read_text()) == {"a": 1}
-
-
-@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
-@pytest.mark.parametrize("umask", [0o022, 0o077])
-def test_atomic_write_json_gives_the_usual_permissions(tmp_path: Path, umask: int) -> None:
-    """config.json, final.json and summary.json are readable like the run's other files (the
-    temporary file they are written to first is owner-only)."""
-    previous = os.umask(umask)
-    try:
-        atomic_write_json(tmp_path / "final.json", {"a": 1})
-        assert os.umask(umask) == umask  # left as it was
-        (tmp_path / "plain.txt").write_text("x")
-    finally:
-        os.umask(previous)
-    mode = stat.S_IMODE((tmp_path / "final.json").stat().st_mode)
-    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~umask
-    assert not list(tmp_path.glob("*.tmp"))
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .files import atomic_path
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -63,7 +65,8 @@ def draw_curves(
     fig = curves_figure(panels, title)
     if fig is None:
         return False
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     return True
 
 

@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from . import __version__
 from .config import TrainConfig
 from .data import MNIST1D, mnist1d
 from .estimators import Estimator, make_estimator
+from .files import atomic_path, atomic_write_json, atomic_write_text
 from .models import MLP
 
 try:
@@ -64,7 +64,6 @@ __all__ = [
     "initial_model",
     "hardware",
     "resolve_device",
-    "atomic_write_json",
     "describe_code",
     "same_code",
     "source_digest",
@@ -189,26 +188,6 @@ def source_digest(where: Path | None = None) -> str:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
-
-
-def atomic_write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON so that readers see the old file or the whole new one, never a part.
-
-    The file gets the permissions of any file the process creates (0o666 less the umask), not
-    the owner-only ones of the temporary file it is written to first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(f.name, 0o666 & ~_umask())
-    os.replace(f.name, path)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # os.umask sets a mask and returns the previous one: put it back
-    os.umask(mask)
-    return mask
 
 
 @torch.no_grad()
@@ -499,7 +478,8 @@ def _train(
         **record,
     }
     if out is not None:
-        torch.save(model.state_dict(), out / "model.pt")
+        with atomic_path(out / "model.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
         atomic_write_json(out / "final.json", final)
         (out / "checkpoint.pt").unlink(missing_ok=True)
     return final
@@ -580,9 +560,7 @@ def _truncate_metrics(path: Path, epochs: int) -> None:
     # keep exactly the lines of the epochs the checkpoint covers; replace the file atomically
     # so that an interruption here cannot lose the lines already written
     lines = path.read_text().splitlines() if path.exists() else []
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines[:epochs]))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines[:epochs]))
 
 
 def _save_checkpoint(
@@ -610,6 +588,5 @@ def _save_checkpoint(
         "wall_seconds": wall,
         "sessions": sessions,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)

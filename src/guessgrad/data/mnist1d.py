@@ -11,7 +11,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..files import atomic_path
 
 __all__ = ["MNIST1D", "mnist1d", "cache_dir"]
 
@@ -68,6 +70,30 @@ def _generate() -> dict[str, np.ndarray]:
     return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
 
 
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or ``None`` when the file is missing, unreadable or damaged
+    (truncated, corrupted): the data are then generated again."""
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write the cache atomically; a folder that cannot be written costs a warning, not the
+    run (the data are generated again next time)."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as err:
+        warnings.warn(
+            f"could not write the MNIST-1D cache {path} ({err.strerror or err}); the data "
+            "will be generated again next time (set GUESSGRAD_CACHE to a writable folder)",
+            stacklevel=3,
+        )
+
+
 def mnist1d(*, dtype: torch.dtype = torch.float32, cache: bool = True) -> MNIST1D:
     """The MNIST-1D train/test split, generated once and then read from the cache.
 
@@ -83,20 +109,11 @@ def mnist1d(*, dtype: torch.dtype = torch.float32, cache: bool = True) -> MNIST1
     args["mnist1d version"] = _package_version()  # another generator may give other data
     key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / f"mnist1d-{key}.npz"
-    arrays: dict[str, np.ndarray] | None = None
-    if cache and path.exists():
-        try:
-            with np.load(path) as f:
-                arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-            arrays = None  # a damaged (truncated, corrupted) cache file is regenerated
+    arrays = _read_cache(path) if cache else None
     if arrays is None:
         arrays = _generate()
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
-                np.savez(f, **arrays)
-            os.replace(f.name, path)
+            _write_cache(path, arrays)
     return MNIST1D(
         x_train=torch.as_tensor(arrays["x"], dtype=dtype),
         y_train=torch.as_tensor(arrays["y"], dtype=torch.int64),

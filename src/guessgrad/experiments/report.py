@@ -19,7 +19,8 @@ from typing import Any
 
 from .. import __version__
 from ..curves import draw_curves, read_metrics
-from ..training import atomic_write_json, describe_code, same_code
+from ..files import atomic_path, atomic_write_json, atomic_write_text
+from ..training import describe_code, same_code
 from .runner import RunStore
 from .spec import Cell, Experiment, Method, OverlapFigure, TradeoffFigure, WidthFigure
 
@@ -452,7 +453,8 @@ def _draw_widths(
     ax.legend([*handles, paper_handle], [*(h.get_label() for h in handles), "paper"], fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     return True
 
 
@@ -506,7 +508,8 @@ def _draw_tradeoff(
     axes[0].legend(handles=handles, fontsize=7)
     fig.suptitle(f"{_mathtext(fig_spec.title)}, {subtitle}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     return True
 
 
@@ -569,7 +572,8 @@ def _draw_overlap(
         ax.grid(alpha=0.3)
     fig.suptitle(f"{_mathtext(fig_spec.title)}\n{subtitle}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
     return True
 
 
@@ -681,7 +685,7 @@ def report(
     markdown = render_markdown(
         experiment, results, seeds=seeds, epochs=epochs, notes=notes, figures=figures
     )
-    (out_dir / "table.md").write_text(markdown)
+    atomic_write_text(out_dir / "table.md", markdown)
     atomic_write_json(
         out_dir / "summary.json",
         _finite(summarize(experiment, results, seeds=seeds, epochs=epochs, notes=notes,

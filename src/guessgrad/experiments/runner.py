@@ -32,7 +32,8 @@ import torch
 
 from ..data import MNIST1D, mnist1d
 from ..estimators import make_estimator
-from ..training import TrainConfig, atomic_write_json, train
+from ..files import atomic_write_json
+from ..training import TrainConfig, train
 from .measure import diagnostics_record, overlap_record
 from .paper import DIAG_BATCH, DIAG_SAMPLES
 from .spec import Experiment, Method, Probe

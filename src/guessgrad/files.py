@@ -1,0 +1,65 @@
+"""Writing result files so that an interruption never leaves a part of one.
+
+Every file a run or a report writes (config, checkpoint, metrics, final record, measurements,
+tables, figures) and the data cache go through :func:`atomic_path`: the content is written to
+a temporary file beside the destination, flushed to disk and renamed onto it, so a reader sees
+the old file or the whole new one.  A write that fails or is interrupted (an exception,
+Ctrl-C, SIGTERM turned into an exception) removes its temporary file; only a process killed
+outright can leave one, named ``<name>.<random>.tmp``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text"]
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; move it onto ``path`` when
+    the block ends normally, remove it when the block raises.
+
+    The folder is created if missing.  The file gets the permissions of any file the process
+    creates (0o666 less the umask), not the owner-only ones of a temporary file.  The name ends
+    in ``.tmp``, so a writer that picks its format by the file's suffix (matplotlib's
+    ``savefig``, ``numpy.savez``) must be told the format or given an open file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    """``payload`` as indented JSON with sorted keys, written through :func:`atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """``text`` written through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # os.umask sets a mask and returns the previous one: put it back
+    os.umask(mask)
+    return mask
