@@ -133,7 +133,10 @@ def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Pat
     _interrupted(config, tmp_path / "run", data, after=2)
     assert not (tmp_path / "run" / "final.json").exists()
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+    # what a process killed outright while writing its checkpoint leaves beside it
+    (tmp_path / "run" / "checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
     resumed = train(config, out_dir=tmp_path / "run", data=data)
+    assert not list((tmp_path / "run").glob("*.tmp"))  # removed on resuming
     assert resumed["train_accuracy"] == reference["train_accuracy"]
     assert resumed["test_accuracy"] == reference["test_accuracy"]
     assert resumed["steps"] == reference["steps"]

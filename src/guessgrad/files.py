@@ -3,9 +3,10 @@
 Every file a run or a report writes (config, checkpoint, metrics, final record, measurements,
 tables, figures) and the data cache go through :func:`atomic_path`: the content is written to
 a temporary file beside the destination, flushed to disk and renamed onto it, so a reader sees
-the old file or the whole new one.  A write that fails or is interrupted (an exception,
-Ctrl-C, SIGTERM turned into an exception) removes its temporary file; only a process killed
-outright can leave one, named ``<name>.<random>.tmp``.
+the old file or the whole new one.  A write that fails or is interrupted by an exception
+(Ctrl-C included) removes its temporary file; only a process killed by a signal (SIGKILL, or
+SIGTERM to a sweep's worker) can leave one, named ``<name>.<random>.tmp``, which a resumed
+run removes from its folder.
 """
 
 from __future__ import annotations

@@ -357,6 +357,8 @@ def _train(
         _check_stored_run(out, config, final, ckpt)
         if final is not None:
             return final
+        for stale in out.glob("*.tmp"):  # of a process killed while writing (files.py)
+            stale.unlink(missing_ok=True)
     data = (data if data is not None else mnist1d()).to(device)
     estimator = build_estimator(config)
 
