@@ -94,3 +94,23 @@ def test_wperp_step_split_times_both_solver_phases(capsys):
     assert row[0].strip() == "16" and min(step, krylov, ritz, rest) > 0
     # each phase runs inside every step, so its median is below the step's
     assert max(krylov, ritz, rest) < step
+
+
+def test_small_problem_costs_times_every_call_in_both_libraries():
+    cmd = [sys.executable, str(ROOT / "scripts" / "small_problem_costs.py")]
+    args = ["--batch", "8", "--size", "6", "--block", "2", "--repeat", "2"]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300, check=True)
+    rows = [line.strip("|").split("|") for line in proc.stdout.splitlines()[3:]]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (call, dtype)
+        for dtype in ("float64", "float32")
+        for call in (
+            "product 6×6 · 6×2",
+            "product 6×6 · 6×6",
+            "Cholesky 6×6",
+            "eigh 6×6",
+            "triangular solve 6×6, 2 right-hand sides",
+        )
+    ]
+    assert all(float(r[2]) > 0 for r in rows)
+    assert [r[3].strip() == "–" for r in rows] == [c.startswith(" triangular") for c, *_ in rows]
