@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import MAX_SEED
 from .common import UsageError, default_jobs, device_name, out_path, output_dir, positive_int
 from .progress import SweepProgress
 
@@ -52,8 +53,10 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected a number of seeds or a list like 0,1,2, got {text!r}{hint}"
         ) from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) > MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"expected distinct seeds, integers in [0, 2**62], got {text!r}"
+        )
     return seeds
 
 
@@ -193,6 +196,17 @@ def select(args: argparse.Namespace) -> list[Selection]:
                 lambda e: f"its methods: {_join(sorted({m.key() for m in e.methods()}))}",
             )
         )
+    if args.widths:  # a width no experiment has is a typo, not a narrower table
+        offers = [e.with_preset(e.quick) if args.quick else e for e in chosen]
+        known_widths = sorted({c.width for e in offers for c in e.cells})
+        missing = [w for w in args.widths if w not in known_widths]
+        if missing:
+            where = (
+                f"in {name}{' --quick' if args.quick else ''}"
+                if name != "all"
+                else "in any experiment"
+            )
+            raise UsageError(f"no width {missing[0]} {where}; its widths: {_join(known_widths)}")
     if args.methods:  # a name no experiment knows is a typo, not a narrower table
         known = [m for e in chosen for m in e.methods()]
         unknown = [n for n in args.methods if not any(m.matches([n]) for m in known)]
