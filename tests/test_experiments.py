@@ -25,8 +25,8 @@ from guessgrad.experiments import (
 )
 from guessgrad.experiments.measure import overlap_curve
 from guessgrad.experiments.paper import TABLE2, TABLE3, TABLE4, W_PERP, W_PERP_NS
+from guessgrad.files import atomic_write_json
 from guessgrad.metrics import overlap
-from guessgrad.training import atomic_write_json
 
 # the module (the package exports its function of the same name)
 report_module = importlib.import_module("guessgrad.experiments.report")
@@ -246,6 +246,45 @@ def test_probe_tasks_write_measurements(tmp_path: Path) -> None:
     assert float(rank) == pytest.approx(ov["layers"][1]["rank_mean"], abs=0.05)
 
 
+def test_a_failed_run_keeps_its_traceback_beside_its_probes_failures(tmp_path: Path) -> None:
+    """The measurement of a run that failed fails too, into its own log: the training
+    traceback stays in ``error.log``."""
+    bad = method("broken", "w-perp", k=0)  # fails when the estimator is built
+    cell = Cell("8", "rank", bad, 8, "rank_mean", probe=Probe("overlap", "final", 1))
+    exp = Experiment(name="broken", title="broken", cells=(cell,), seeds=1, epochs=1)
+    outcomes = run_tasks(plan(exp, seeds=[0], epochs=1), tmp_path)
+    assert [(o.task.kind, o.status) for o in outcomes] == [("train", "failed"), ("probe", "failed")]
+    run_dir = RunStore(tmp_path).run_dir(outcomes[0].task.config)
+    assert "k must be a positive integer" in (run_dir / "error.log").read_text()
+    probe_log = run_dir / outcomes[1].task.error_log()
+    assert probe_log == run_dir / "diagnostics" / "overlap-final.error.log"
+    assert "is not finished" in probe_log.read_text()
+
+
+def test_a_damaged_output_is_not_done(tmp_path: Path) -> None:
+    """A truncated ``final.json`` fails its run with the reason (not "already done" forever,
+    nor a silently empty cell); a truncated measurement is measured again."""
+    wt = method("W̃ᵀ", "w-transpose")
+    cell = Cell("8", "rank", wt, 8, "rank_mean", probe=Probe("overlap", "final", 1))
+    exp = Experiment(name="damaged", title="damaged", cells=(cell,), seeds=1, epochs=1)
+    tasks = plan(exp, seeds=[0], epochs=1)
+    assert {o.status for o in run_tasks(tasks, tmp_path)} == {"done"}
+    store = RunStore(tmp_path)
+    train_task, probe_task = sorted(tasks, key=lambda t: t.kind != "train")
+    probe_file = store.run_dir(probe_task.config) / probe_task.output()
+    probe_file.write_text('{"layers": [')
+    assert not probe_task.done(store) and train_task.done(store)
+    assert [o.status for o in run_tasks(tasks, tmp_path)] == ["done"]  # measured again
+    assert json.loads(probe_file.read_text())["layers"]
+    final = store.run_dir(train_task.config) / "final.json"
+    final.write_text('{"train_acc')
+    assert not train_task.done(store)
+    outcomes = run_tasks([train_task], tmp_path)
+    assert [o.status for o in outcomes] == ["failed"]
+    assert "final.json" in outcomes[0].message
+    assert (store.run_dir(train_task.config) / "error.log").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # Reports from stored runs (no training)
 
@@ -442,14 +481,18 @@ run_tasks(plan(exp, seeds=list(range(400)), epochs=100000), sys.argv[1], jobs=2)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
-def test_sigterm_to_the_sweep_stops_its_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGKILL"])
+def test_a_signal_to_the_sweep_stops_its_workers(tmp_path: Path, signame: str) -> None:
     """``kill -TERM`` of the parent alone (not its process group) ends the workers too, and the
-    parent exits although hundreds of tasks were never taken from the queue."""
+    parent exits although hundreds of tasks were never taken from the queue.  After ``kill
+    -KILL``, which the parent cannot handle, the orphaned workers stop by themselves."""
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    sig = getattr(signal, signame)
 
     parent = subprocess.Popen([sys.executable, "-c", _SWEEP, str(tmp_path)])
     try:
@@ -460,8 +503,8 @@ def test_sigterm_to_the_sweep_stops_its_workers(tmp_path: Path) -> None:
         own = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
         workers = [pid for pid in own if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 2
-        parent.send_signal(signal.SIGTERM)
-        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        parent.send_signal(sig)
+        assert parent.wait(timeout=60) == (128 + sig if sig == signal.SIGTERM else -sig)
     finally:
         if parent.poll() is None:
             parent.kill()

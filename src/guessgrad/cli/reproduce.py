@@ -323,7 +323,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     for o in failed:
         print(
             f"failed: {o.task.label()}: {o.message} "
-            f"(traceback in {args.out / 'runs' / o.task.config.slug() / 'error.log'})",
+            f"(details in {args.out / 'runs' / o.task.config.slug() / o.task.error_log()})",
             file=sys.stderr,
         )
     return 1 if failed else 0

@@ -9,7 +9,9 @@ probe.  Interrupted training runs resume from their per-epoch checkpoint.
 With ``jobs > 1`` tasks run in a pool of spawned processes, each limited to ``threads``
 torch threads (1 by default: batched small LAPACK calls slow down by orders of magnitude
 when several multi-threaded processes share few cores).  A failing task is reported, its
-traceback kept in the run directory's ``error.log``, and the sweep goes on.
+traceback kept in the run directory's ``error.log`` (a probe's beside its output,
+``diagnostics/<name>.error.log``), and the sweep goes on.  Workers stop when the sweep's
+process dies.
 """
 
 from __future__ import annotations
@@ -85,8 +87,26 @@ class Task:
         slug = self.config.slug()
         return slug if self.probe is None else f"{slug}/{self.probe.file()}"
 
+    def error_log(self) -> str:
+        """Where the task's failure is described, relative to the run directory: ``error.log``
+        for training, ``diagnostics/<name>.error.log`` beside a probe's output."""
+        return (
+            "error.log"
+            if self.probe is None
+            else f"{self.output().removesuffix('.json')}.error.log"
+        )
+
     def done(self, store: RunStore) -> bool:
-        return (store.run_dir(self.config) / self.output()).exists()
+        """Whether the output is there and readable: a damaged one is not done (a damaged
+        ``final.json`` makes training fail with the reason; a probe is measured again)."""
+        return store.read(self.config, self.output()) is not None
+
+    def log_failure(self, store: RunStore, text: str) -> Path:
+        """Write ``text`` to the task's :meth:`error_log` and return its path."""
+        path = store.run_dir(self.config) / self.error_log()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{self.label()}\n\n{text}")
+        return path
 
 
 @dataclass
@@ -181,11 +201,10 @@ def execute(task: Task, root: str | Path, on_epoch: Any = None) -> Outcome:
             # train() holds the run directory's lock: a run another process is training is
             # waited for, and then read instead of trained again
             final = train(task.config, out_dir=run_dir, data=data, on_epoch=on_epoch)
-            (run_dir / "error.log").unlink(missing_ok=True)  # from an earlier failed attempt
             result = {k: final[k] for k in ("train_accuracy", "test_accuracy", "wall_seconds")}
         else:
             probe = task.probe
-            if probe.when == "final" and not (run_dir / "final.json").exists():
+            if probe.when == "final" and store.read(task.config) is None:
                 raise RuntimeError(f"run {task.config.slug()} is not finished")
             if probe.kind == "overlap":
                 record = overlap_record(task.config, run_dir, probe.when, data, batch=DIAG_BATCH)
@@ -203,10 +222,10 @@ def execute(task: Task, root: str | Path, on_epoch: Any = None) -> Outcome:
             atomic_write_json(run_dir / probe.file(), record)
             result = {}
     except Exception as err:  # a failing run must not stop the sweep
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "error.log").write_text(f"{task.label()}\n\n{traceback.format_exc()}")
+        task.log_failure(store, traceback.format_exc())
         message = f"{type(err).__name__}: {err}".splitlines()[0]
         return Outcome(task, "failed", time.perf_counter() - t0, message)
+    (run_dir / task.error_log()).unlink(missing_ok=True)  # from an earlier failed attempt
     return Outcome(task, "done", time.perf_counter() - t0, result=result)
 
 
@@ -217,16 +236,34 @@ def plain_warnings() -> None:
 
 
 def _worker(wid: int, tasks: Any, events: Any, root: str, threads: int) -> None:
-    """A worker process: run tasks from ``tasks`` until ``None``, report on ``events``."""
+    """A worker process: run tasks from ``tasks`` until ``None``, report on ``events``.
+
+    A worker whose sweep process has died (killed with SIGKILL, or by the out-of-memory
+    killer, so that it could not stop its workers) stops too: it checks between tasks and after
+    every epoch (whose checkpoint is then written), and leaves the rest to the next sweep."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     plain_warnings()
     torch.set_num_threads(threads)
-    while (item := tasks.get()) is not None:
+    parent = mp.parent_process()
+
+    def orphaned() -> bool:
+        return parent is not None and not parent.is_alive()
+
+    def on_epoch(_line: dict[str, Any], idx: int) -> None:
+        if orphaned():
+            raise SystemExit(1)
+        events.put(("epoch", wid, idx, None))
+
+    while not orphaned():
+        try:
+            item = tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if item is None:
+            return
         idx, task = item
         events.put(("start", wid, idx, None))
-        outcome = execute(
-            task, root, on_epoch=lambda _line, idx=idx: events.put(("epoch", wid, idx, None))
-        )
+        outcome = execute(task, root, on_epoch=lambda line, idx=idx: on_epoch(line, idx))
         events.put(("done", wid, idx, outcome))
 
 
@@ -395,7 +432,9 @@ def _run_pool(
                     # it died running a task (killed, out of memory): that task fails, and a
                     # new worker takes the stop signal it left in the queue
                     remaining.discard(idx)
-                    finish(Outcome(group[idx], "failed", message=f"worker died ({proc.exitcode})"))
+                    why = f"worker died (exit status {proc.exitcode})"
+                    group[idx].log_failure(store, f"{why}: killed, or out of memory?\n")
+                    finish(Outcome(group[idx], "failed", message=why))
                     spawn(next_wid)
                     next_wid += 1
                 elif proc.exitcode != 0:
@@ -403,6 +442,7 @@ def _run_pool(
             if not workers:  # every worker has stopped: what is left cannot run
                 why = f"workers exited with {exit_codes}" if exit_codes else "lost with a worker"
                 for idx in sorted(remaining):
+                    group[idx].log_failure(store, why + "\n")
                     finish(Outcome(group[idx], "failed", message=why))
                 remaining.clear()
     except BaseException:
