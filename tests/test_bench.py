@@ -109,3 +109,23 @@ def test_layer_fidelities_per_hidden_layer_and_state_untouched():
         for key, v in s.items():
             assert torch.equal(fast.state[i][key], v)
     assert layer_fidelities(make_estimator("w-transpose"), model, x, y) is None
+
+
+def test_bench_median_and_iqr_are_those_of_the_timed_steps(monkeypatch):
+    """Step times 1, 2, …, 5 s (a faked clock): median 3 s, quartiles 2 and 4 s, IQR 2 s —
+    within the sample's range, never extrapolated beyond it."""
+    import guessgrad.bench as bench
+
+    ticks = iter(range(10_000))
+    durations = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    now = [0.0]
+
+    def clock() -> float:
+        # two readings per timed step (start, end): the end is the start plus the next duration
+        now[0] += next(durations) if next(ticks) % 2 else 0.0
+        return now[0]
+
+    monkeypatch.setattr(bench.time, "perf_counter", clock)
+    (record,) = bench_methods(["backprop"], memory=False, **{**SETTINGS, "steps": 5})
+    assert record.step_seconds_median == 3.0
+    assert record.step_seconds_iqr == 2.0

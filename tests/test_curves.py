@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from guessgrad.curves import _mean_band, curves_figure, draw_curves, read_metrics
+from guessgrad.curves import _mean_band, curves_figure, draw_curves, read_metrics, seed_std
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -76,3 +76,8 @@ def test_a_curve_that_stops_early_ends_in_a_dot() -> None:
     assert [(ln.get_color(), list(ln.get_xdata())) for ln in dots] == [("C1", [2]), ("C1", [2])]
     assert list(dots[0].get_ydata()) == [0.25]
     assert [list(ln.get_xdata()) for ln in bottom.lines if ln.get_marker() == "o"] == [[2]]
+
+
+def test_seed_std_is_the_sample_std_and_nan_for_a_diverged_seed() -> None:
+    assert seed_std([1.0, 3.0]) == pytest.approx(statistics.stdev([1.0, 3.0])) == 2**0.5
+    assert all(seed_std([1.0, bad]) != seed_std([1.0, bad]) for bad in (float("nan"), float("inf")))

@@ -312,6 +312,35 @@ def test_report_renders_stored_runs_without_training(tmp_path: Path, monkeypatch
     assert (tmp_path / "table3" / "fig2.png").stat().st_size > 0
 
 
+def test_report_with_a_diverged_seed_still_writes_its_table(tmp_path: Path) -> None:
+    """A seed whose loss went to NaN (training goes on after a warning) or whose measurement
+    is infinite gives NaN in its cell and band, instead of stopping the report."""
+    exp = EXPERIMENTS["table3"].restrict((64,))
+    wt = next(c for c in exp.cells if c.col == "W̃ᵀ" and c.section == "")
+    for seed, loss in ((0, 1.5), (1, float("nan"))):
+        _store_final(tmp_path, wt, seed, 2, train_accuracy=0.3, test_accuracy=0.2)
+        run_dir = RunStore(tmp_path).run_dir(wt.run.config(width=64, seed=seed, epochs=2))
+        lines = [
+            {"epoch": e, "train_loss": loss, "train_accuracy": 0.3, "test_accuracy": 0.2}
+            for e in (1, 2)
+        ]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=2)
+    assert "0.300 ± 0.000 (0.268, +0.032)" in markdown
+    assert (tmp_path / "table3" / "curves.png").stat().st_size > 0  # the band is NaN there
+    table2 = EXPERIMENTS["table2"].with_preset(EXPERIMENTS["table2"].quick)
+    cell = next(c for c in table2.cells if c.row == "W̃ᵀ" and c.quantity == "bias")
+    for seed, bias in ((0, 5.5e-4), (1, float("inf"))):
+        config = cell.run.config(width=128, seed=seed, epochs=300)
+        layers = [{"bias": bias, "variance_exact": 3e-4, "cov_norm": 0.08}] * 3
+        path = RunStore(tmp_path).run_dir(config) / cell.probe.file()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"layers": layers}))  # Python's JSON writes Infinity
+    markdown = report(table2, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    row = next(line for line in markdown.splitlines() if line.startswith("| W̃ᵀ |"))
+    assert "inf ± nan" in row
+
+
 def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     """Train and test cells share a run: it is counted once, under its version and commit."""
     exp = EXPERIMENTS["table4"].restrict((128,))

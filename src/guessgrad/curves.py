@@ -12,6 +12,7 @@ ends in a dot.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from .files import atomic_path
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["read_metrics", "draw_curves", "curves_figure"]
+__all__ = ["read_metrics", "draw_curves", "curves_figure", "seed_std"]
 
 #: one run's per-epoch records, as written to ``metrics.jsonl``
 Records = Sequence[Mapping[str, Any]]
@@ -50,8 +51,16 @@ def _mean_band(runs: Sequence[Records], key: str) -> tuple[list[int], list[float
     epochs = [int(rec["epoch"]) for rec in runs[0][:length]]
     columns = [[float(r[i][key]) for r in runs] for i in range(length)]
     means = [statistics.fmean(c) for c in columns]
-    stds = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
+    stds = [seed_std(c) if len(c) > 1 else 0.0 for c in columns]
     return epochs, means, stds
+
+
+def seed_std(values: Sequence[float]) -> float:
+    """The sample standard deviation (n − 1) over seeds, NaN where a value is NaN or infinite
+    (a diverged run), for which ``statistics.stdev`` raises."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan
+    return statistics.stdev(values)
 
 
 def draw_curves(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..curves import draw_curves, read_metrics
+from ..curves import draw_curves, read_metrics, seed_std
 from ..files import atomic_path, atomic_write_json, atomic_write_text
 from ..training import describe_code, same_code
 from .runner import RunStore
@@ -70,7 +70,7 @@ class CellResult:
 
     @property
     def std(self) -> float | None:
-        return statistics.stdev(self.present) if len(self.present) > 1 else None
+        return seed_std(self.present) if len(self.present) > 1 else None
 
     @property
     def diff(self) -> float | None:
