@@ -378,3 +378,69 @@ def test_w_perp_takes_the_newton_schulz_refresh():
     assert guessgrad.make_estimator("w-perp-ns", refresh=3).guess.refresh == 3
     with pytest.raises(ValueError, match="refresh must be a positive integer"):
         guessgrad.WPerp(solver="newton-schulz", refresh=0)
+
+
+def test_subspace_sampler_follows_its_covariance_in_float32_with_few_active_units():
+    """In float32, an example with few active units has nearly dependent Krylov vectors, and
+    rebuilding its Ritz vectors from their coefficients amplified rounding to O(1): the
+    sampler's law (rows RᵀR, R = what ``combine`` maps e_j to) was up to 1.5 away from
+    ``covariance()`` here.  Such examples now get exact rows, in both."""
+    import guessgrad as gg
+    from guessgrad.estimators import WPerp
+    from guessgrad.solvers.subspace import krylov_ritz
+
+    torch.manual_seed(4)
+    model = gg.MLP([40, 32, 32, 32, 10])
+    x, y = torch.randn(256, 40), torch.randint(0, 10, (256,))
+    est = WPerp(k=10)
+    layers = gg.linear_layers(model)
+    for step in range(2):  # warm starts as in training
+        est.tangent_pass(layers, x, y, generator=torch.Generator().manual_seed(step))
+    sites = {}
+
+    def grab(site, guess, state):
+        if site.jacobian is not None and site.jacobian.rows > 10:
+            sites[site.index] = (site, guess, copy.deepcopy(state))
+
+    est.tangent_pass(layers, x, y, generator=torch.Generator().manual_seed(2), on_site=grab)
+    flagged = 0
+    for site, guess, state in sites.values():
+        ritz = krylov_ritz(site.jacobian, 10, state["start"])
+        eye = torch.eye(10).expand(site.batch, 10, 10)
+        rows = torch.stack([ritz.combine(eye[:, j].contiguous()) for j in range(10)], 1)
+        sampler = (rows.mT @ rows).double()
+        cov = guess.covariance(site, state).double()
+        assert (sampler - cov).abs().amax() < 1e-2
+        if ritz.exact_examples is not None:
+            flagged += ritz.exact_examples.numel()
+            # the exact rows are the top-10 right singular subspace of W̃_b
+            dense = site.jacobian.dense()[ritz.exact_examples].double()
+            top = top_right_singular(dense, 10)
+            want = top.mT @ top
+            assert (cov[ritz.exact_examples] - want).abs().amax() < 1e-4
+    assert flagged > 0  # the case the test is about occurs here
+
+
+def test_newton_schulz_ratio_is_not_carried_to_a_layer_of_another_shape():
+    """σ_k/σ_1 is refreshed every ``refresh`` steps; an estimator moved to a model of another
+    width measures it again at once instead of using the old model's polynomial."""
+    import guessgrad as gg
+
+    def covariances(est, model, x, y):
+        covs = []
+
+        def grab(site, guess, state):
+            if site.jacobian is not None and site.jacobian.rows > 3:
+                covs.append(guess.covariance(site, state))
+
+        est.tangent_pass(gg.linear_layers(model), x, y, on_site=grab)
+        return covs
+
+    torch.manual_seed(0)
+    a, b = gg.MLP([6, 16, 16, 4]).double(), gg.MLP([6, 24, 24, 4]).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 4, (32,))
+    moved = gg.WPerp(k=3, solver="newton-schulz")
+    moved.tangent_pass(gg.linear_layers(a), x, y, generator=torch.Generator().manual_seed(0))
+    fresh = gg.WPerp(k=3, solver="newton-schulz")
+    for got, want in zip(covariances(moved, b, x, y), covariances(fresh, b, x, y), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)

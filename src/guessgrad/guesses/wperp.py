@@ -197,10 +197,13 @@ class WPerpGuess(Guess):
         steps = state.get("ns_steps", 0)
         ratio = state.get("sigma_ratio")
         update: dict[str, Any] = {"ns_steps": steps + 1}
-        if ratio is None or steps % self.refresh == 0:
+        # a ratio measured on a layer of another shape or dtype (the estimator moved to another
+        # model) is not reused; a state without the key (older checkpoints) keeps its ratio
+        key = (jac.rows, jac.cols, str(jac.dtype))
+        if ratio is None or steps % self.refresh == 0 or state.get("ns_layer", key) != key:
             first, _ = dense_active(jac.select(slice(0, 1)), k)
             ratio = sigma_ratio(first[0], k)  # the first example, as the paper's code
-            update["sigma_ratio"] = ratio
+            update.update(sigma_ratio=ratio, ns_layer=key)
         bsz, n = jac.batch, jac.cols
         start = jac.restrict(power_start(n, jac.dtype, jac.device).expand(bsz, n))
         sigma1 = power_sigma1(lambda v: jac.gram_apply(v, restricted=True), start)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..jacobians import UpstreamJacobian, _matmul_2d
+from ..jacobians import UpstreamJacobian, _matmul_2d, dense_active, expand_columns
 
 __all__ = [
     "orthonormalize_rows",
@@ -175,6 +175,10 @@ _GRAM_JITTERS = (10.0, 1e2, 1e10)
 #: a steep spectrum, subspaces up to 1.0 off in spectral distance, depending on the LAPACK)
 _DEPENDENT = 1e3
 _GRAM_FLOOR = 1e4
+#: eps·amplification above which an example's Ritz vectors are not rebuilt from the
+#: coefficients but computed exactly (:func:`_exact_rows`): the rebuilt rows would be
+#: orthonormal only to about that (float32: coefficients of unit vectors past ~8e4)
+REBUILD_TOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -186,7 +190,12 @@ class KrylovRitz:
     by Horner's rule, V_bᵀ z = u_0 + ωG_b(u_1 + ωG_b(u_2 + …)) with u_j = P_b Sᵀ C_{j,b} z, which
     costs q products of one vector per example (:meth:`combine`).  ``power (b, n)`` is
     Σ_b G_b P_b S, for the next warm start (:func:`next_start`).  The rows of V_b are
-    orthonormal up to rounding (about 1e-5 in float32) and zero past the numerical rank.
+    orthonormal up to rounding and zero past the numerical rank.  Rounding in the Krylov
+    vectors reaches V amplified by the coefficients of the unit vectors; where that could
+    exceed ``REBUILD_TOL`` (float32, an example with few active units whose Krylov vectors
+    are nearly dependent) the example's rows are instead the exact ones of an SVD
+    (``exact_examples``, ``exact_rows``), in :meth:`combine` and :meth:`vectors` alike, so the
+    sampler and the covariance always describe the same law.
     """
 
     jacobian: UpstreamJacobian
@@ -194,6 +203,9 @@ class KrylovRitz:
     omega: Tensor
     coeffs: Tensor
     power: Tensor
+    #: examples whose rows are not rebuilt from the coefficients but exact, and those rows
+    exact_examples: Tensor | None = None
+    exact_rows: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -217,14 +229,21 @@ class KrylovRitz:
 
     def combine(self, z: Tensor) -> Tensor:
         """V_bᵀ z_b for ``z (B, k)``: ``(B, n)``."""
-        return self._horner(self.coeffs @ z.view(z.shape[0], 1, -1, 1)).squeeze(-2)
+        out = self._horner(self.coeffs @ z.view(z.shape[0], 1, -1, 1)).squeeze(-2)
+        if self.exact_examples is not None and self.exact_rows is not None:
+            exact = (z[self.exact_examples].unsqueeze(1) @ self.exact_rows).squeeze(1)
+            out.index_copy_(0, self.exact_examples, exact)
+        return out
 
     def vectors(self) -> Tensor:
         """The Ritz vectors V_b, ``(B, k, n)``, polished to orthonormal rows (zero past rank)."""
         v = cholesky_orthonormalize(self._horner(self.coeffs))
         # a row the Gram–Schmidt order finds already spanned comes out with norm ≪ 1
         norms = v.norm(dim=-1, keepdim=True)
-        return torch.where(norms > 0.5, v / norms.clamp_min(1e-30), 0.0)
+        v = torch.where(norms > 0.5, v / norms.clamp_min(1e-30), 0.0)
+        if self.exact_examples is not None and self.exact_rows is not None:
+            v.index_copy_(0, self.exact_examples, self.exact_rows)
+        return v
 
 
 def _orthonormal_columns(z: Tensor) -> Tensor:
@@ -308,9 +327,11 @@ def _ritz_coefficients(
     dtype: torch.dtype,
     ritz_power: int,
     ritz_iters: int,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Coefficients C ``(B, p, k)`` (float64) of the top-k Ritz vectors in the Krylov vectors,
-    from the products ``full (B, p, p + b)`` of :func:`_krylov_gram`; see :func:`krylov_ritz`.
+    from the products ``full (B, p, p + b)`` of :func:`_krylov_gram`, and their amplification
+    ``(B,)``: the largest absolute column sum of the coefficients of the unit-norm Krylov
+    vectors, by which rounding in the vectors reaches V (see :func:`krylov_ritz`).
 
     Everything here is float64: the Gram is ill-conditioned by design, and T^power must keep
     directions with λ_k/λ_1 ≈ 1e-2 representable (float32 loses them on steep spectra).
@@ -351,7 +372,11 @@ def _ritz_coefficients(
     good = ((norms > 0.5) & (theta > floor_theta)).to(f64)  # (B, k)
     z = z * (good / norms.clamp_min(torch.finfo(f64).tiny)).unsqueeze(-2)
     # V = Zᵀ L⁻¹ D K; V Vᵀ = Zᵀ(I − δ L⁻¹L⁻ᵀ)Z = I to δ/floor ≈ 1e-7 on the kept coordinates
-    return ld.mT @ z
+    coeffs = ld.mT @ z
+    # the coefficients of the unit Krylov vectors, D⁻¹C: rounding in those vectors (relative
+    # size eps) enters V's rows times their absolute column sum
+    unit = coeffs / torch.where(alive, d, 1.0).unsqueeze(-1)
+    return coeffs, unit.abs().sum(-2).amax(-1)
 
 
 def krylov_ritz(
@@ -417,7 +442,7 @@ def krylov_ritz(
     sub = min(step, max(1, GRAM_BYTES // ((p + b) * n * 8))) if device.type == "cpu" else step
     kall = torch.empty((sub, p + b, n), dtype=torch.float64, device=device)
     grams = torch.empty((min(group, bsz), p, p + b), dtype=torch.float64, device=device)
-    coeffs, power, omega = [], None, None
+    coeffs, amplification, power, omega = [], [], None, None
     for first in range(0, bsz, group):
         last = min(first + group, bsz)
         for lo in range(first, last, step):
@@ -427,11 +452,37 @@ def krylov_ritz(
             pw, omega = _krylov_gram(part, start, depth, omega, ys[:, :c], kall[:c], out)
             power = pw if power is None else power + pw
         full = grams[: last - first]
-        coeffs.append(_ritz_coefficients(full, b, depth, k, dtype, ritz_power, ritz_iters))
+        c, amp = _ritz_coefficients(full, b, depth, k, dtype, ritz_power, ritz_iters)
+        coeffs.append(c)
+        amplification.append(amp)
     del ys, kall, grams
     assert power is not None and omega is not None
     coeff = coeffs[0] if len(coeffs) == 1 else torch.cat(coeffs)
-    return KrylovRitz(jacobian, start, omega, coeff.to(dtype).view(bsz, depth + 1, b, k), power)
+    amp = amplification[0] if len(amplification) == 1 else torch.cat(amplification)
+    unstable = torch.nonzero(amp * torch.finfo(dtype).eps > REBUILD_TOL).flatten()
+    exact = _exact_rows(jacobian, unstable, k) if unstable.numel() else None
+    return KrylovRitz(
+        jacobian,
+        start,
+        omega,
+        coeff.to(dtype).view(bsz, depth + 1, b, k),
+        power,
+        unstable if exact is not None else None,
+        exact,
+    )
+
+
+def _exact_rows(jacobian: UpstreamJacobian, examples: Tensor, k: int) -> Tensor:
+    """Exact top-k right singular vectors of the ``examples`` (few: one at a time), by a
+    float64 SVD of their active columns; zero rows where σ² ≤ 1e3·eps·σ_1² (as the Ritz
+    values of :func:`krylov_ritz`): ``(len(examples), k, n)``."""
+    rows = []
+    for i in examples.tolist():
+        w, index = dense_active(jacobian.select(slice(i, i + 1)), k)
+        _, sv, vh = torch.linalg.svd(w.to(torch.float64), full_matrices=False)
+        keep = sv[:, :k] > _rtol(jacobian.dtype) ** 0.5 * sv[:, :1]
+        rows.append(expand_columns(vh[:, :k] * keep.unsqueeze(-1), index, jacobian.cols))
+    return torch.cat(rows).to(jacobian.dtype)
 
 
 def block_krylov(
