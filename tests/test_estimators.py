@@ -296,10 +296,27 @@ def test_integer_label_dtypes_agree(estimator_case, model, batch):
     x, y = batch
     ref = copy.deepcopy(model)
     estimator_case.make().estimate(ref, x, y, generator=seeded(0))
-    for dtype in (torch.int32, torch.uint8):
+    unsigned = [getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n)]
+    for dtype in (torch.int32, torch.uint8, *unsigned):  # no min/max for the wide unsigned
         m = copy.deepcopy(model)
         estimator_case.make().estimate(m, x, y.to(dtype), generator=seeded(0))
         assert all(torch.equal(a, b) for a, b in zip(grads_of(m), grads_of(ref)))
+
+
+def test_frozen_parameters_are_left_alone_as_autograd_does(estimator_case, model, batch):
+    """A layer with ``requires_grad=False`` gets no ``grad`` (backprop raised before); the other
+    parameters get the same estimate as without the freeze (the forward pass is the same)."""
+    x, y = batch
+    ref = copy.deepcopy(model)
+    estimator_case.make().estimate(ref, x, y, generator=seeded(0))
+    m = copy.deepcopy(model)
+    frozen = guessgrad.linear_layers(m)[0]
+    frozen.requires_grad_(False)
+    estimator_case.make().estimate(m, x, y, generator=seeded(0))
+    assert frozen.weight.grad is None and frozen.bias.grad is None
+    for p, q in zip(m.parameters(), ref.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad)
 
 
 def test_caller_tensors_are_not_modified(estimator_case, model, batch):

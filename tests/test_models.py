@@ -104,6 +104,18 @@ def test_linear_layers_names_the_offending_module(model, error, match):
         guessgrad.linear_layers(model)
 
 
+def test_one_relu_at_several_positions_is_fine_but_a_tied_linear_is_refused():
+    """nn.Sequential may hold one module at several positions: every position counts (a shared
+    ReLU was refused, and a Linear used twice was seen once, a shorter network than model(x))."""
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Linear(10, 8), relu, nn.Linear(8, 8), relu, nn.Linear(8, 4))
+    assert guessgrad.linear_layers(model) == [model[0], model[2], model[4]]
+    hidden = nn.Linear(8, 8)
+    tied = nn.Sequential(nn.Linear(10, 8), relu, hidden, relu, hidden, nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="'4' at position 4 is a Linear already used"):
+        guessgrad.linear_layers(tied)
+
+
 def test_named_modules_are_named_in_errors():
     from collections import OrderedDict
 

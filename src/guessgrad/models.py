@@ -55,12 +55,14 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
     Raises:
         TypeError: ``model`` is not an ``nn.Sequential``, or holds a module other than
             ``nn.Linear``/``nn.ReLU``; the message names the offending module.
-        ValueError: the modules are of supported types but in an unsupported order or with
-            mismatched widths.
+        ValueError: the modules are of supported types but in an unsupported order, with
+            mismatched widths, or one ``nn.Linear`` at two positions (tied weights).  One
+            ``nn.ReLU`` at several positions is fine.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"unsupported model {type(model).__name__}: expected {_SUPPORTED}")
-    modules = list(model.named_children())
+    # every position, a module used at several of them included (named_children lists it once)
+    modules = list(model._modules.items())
     if not modules:
         raise ValueError(f"empty nn.Sequential: expected {_SUPPORTED}")
     linears: list[nn.Linear] = []
@@ -79,6 +81,11 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
         if isinstance(module, nn.ReLU) and module.inplace:
             raise ValueError(f"module {name!r}: in-place ReLU is not supported, use nn.ReLU()")
         if isinstance(module, nn.Linear):
+            if any(module is earlier for earlier in linears):
+                raise ValueError(
+                    f"module {name!r} at position {pos} is a Linear already used at an earlier "
+                    "position: tied weights are not supported"
+                )
             if linears and linears[-1].out_features != module.in_features:
                 raise ValueError(
                     f"module {name!r} expects {module.in_features} inputs but the previous "

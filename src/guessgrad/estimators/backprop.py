@@ -20,7 +20,7 @@ class Backprop(Estimator):
     def _estimate(
         self, layers: list[nn.Linear], x: Tensor, y: Tensor, generator: torch.Generator | None
     ) -> tuple[Tensor, list[tuple[nn.Parameter, Tensor]]]:
-        params = [p for layer in layers for p in layer.parameters()]
+        params = [p for layer in layers for p in layer.parameters() if p.requires_grad]
         with torch.enable_grad():
             h = x
             for i, layer in enumerate(layers):
@@ -28,5 +28,5 @@ class Backprop(Estimator):
                 if i < len(layers) - 1:
                     h = F.relu(h)
             loss = F.cross_entropy(h, y)
-            grads = torch.autograd.grad(loss, params)
+            grads = torch.autograd.grad(loss, params) if params else ()
         return loss, list(zip(params, grads))

@@ -3,8 +3,9 @@
     loss = est.estimate(model, x, y, *, generator=None)
 
 computes the batch-mean cross-entropy L of ``model(x)`` against integer labels ``y``, writes
-an estimate of ∂L/∂p into ``p.grad`` for every parameter p (replacing, never accumulating)
-and returns L as a detached 0-d tensor.  Any ``torch.optim`` optimizer then takes the step.
+an estimate of ∂L/∂p into ``p.grad`` for every parameter p that requires grad (replacing,
+never accumulating; frozen parameters, ``requires_grad=False``, are left alone) and returns L
+as a detached 0-d tensor.  Any ``torch.optim`` optimizer then takes the step.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
     classes = layers[-1].out_features
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= classes):
-        bad = y[(y < 0) | (y >= classes)][0].item()
+    labels = y.long()  # min/max are missing for some unsigned dtypes; any too large wraps < 0
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = y[(labels < 0) | (labels >= classes)][0].item()
         raise ValueError(f"label {bad} out of range for {classes} classes")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or infinite values")
@@ -53,7 +55,9 @@ class Estimator(ABC):
     """Base class: validates the model and batch, then runs :meth:`_estimate` under no_grad.
 
     ``state`` holds per-layer state (warm starts, counters) between calls, keyed by layer
-    index, in the spirit of ``torch.optim.Optimizer.state``.
+    index, in the spirit of ``torch.optim.Optimizer.state``.  It belongs to one model, as an
+    optimizer's does: for another model take a new estimator (a layer of another shape or
+    dtype does not reuse what was measured on the old one).
     """
 
     #: registry name
@@ -79,7 +83,8 @@ class Estimator(ABC):
         with torch.no_grad():
             loss, grads = self._estimate(layers, x, y, generator)
         for param, grad in grads:
-            param.grad = grad
+            if param.requires_grad:  # a frozen parameter is left alone, as autograd does
+                param.grad = grad
         return loss.detach()
 
     @abstractmethod
