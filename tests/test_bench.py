@@ -23,6 +23,8 @@ SETTINGS = dict(width=16, depth=2, batch_size=32, steps=2, warmup=1, device=torc
 
 def test_parse_method_reads_options():
     assert parse_method("w-perp:solver=svd:k=3") == ("w-perp", {"solver": "svd", "k": 3})
+    assert parse_method("w-perp:chunk=None:k=rank") == ("w-perp", {"chunk": None, "k": "rank"})
+    assert parse_method("w-precond:sigma=1e-3") == ("w-precond", {"sigma": 1e-3})
     with pytest.raises(ValueError, match="key=value"):
         parse_method("w-perp:svd")
 

@@ -82,6 +82,9 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def _parse_value(text: str) -> Any:
+    constants = {"None": None, "True": True, "False": False}  # e.g. w-perp:chunk=None
+    if text in constants:
+        return constants[text]
     for cast in (int, float):
         try:
             return cast(text)
