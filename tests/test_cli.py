@@ -85,6 +85,7 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
         (["train", "--seed", str(2**64 - 1)], "--seed: expected an integer in [0, 2**62]"),
         # an unset shell variable: not the working directory
         (["train", "--out", ""], "--out: expected a directory, got an empty path"),
+        (["train", "--out", "/tmp/" + "a" * 300], "File name too long"),
         (["train", "--sigma", "1e-3"], "'w-perp' has no option 'sigma'"),  # w-perp has no σ
         (
             ["train", "--method", "w-perp-ns", "--solver", "svd"],

@@ -113,6 +113,13 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv("GUESSGRAD_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert loader.cache_dir() == tmp_path / "xdg" / "guessgrad"
+    # an empty GUESSGRAD_CACHE is unset, not the working directory; a relative XDG_CACHE_HOME
+    # is ignored (XDG base directory specification)
+    monkeypatch.setenv("GUESSGRAD_CACHE", "")
+    assert loader.cache_dir() == tmp_path / "xdg" / "guessgrad"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert loader.cache_dir() == tmp_path / "home" / ".cache" / "guessgrad"
 
 
 def test_generator_called_once_then_cached(monkeypatch, tmp_path):

@@ -382,6 +382,64 @@ def test_a_run_whose_weights_stop_being_finite_ends_with_an_error_for_svd(
     assert not (tmp_path / "final.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("checkpoint.pt", {"model": {"w": torch.ones(3)}, "epoch": 57, "optimizer": {}}),
+        ("final.json", {"status": "ok", "score": 0.9}),
+    ],
+)
+def test_another_programs_files_are_refused_and_left_alone(
+    data: MNIST1D, tmp_path: Path, name: str, content: dict
+) -> None:
+    """A checkpoint or final record that is not a run's (no config, no fields of a run) is
+    another program's: refused, not overwritten, deleted, or taken for a finished run."""
+    path = tmp_path / name
+    if name.endswith(".pt"):
+        torch.save(content, path)
+    else:
+        path.write_text(json.dumps(content))
+    before = path.read_bytes()
+    (tmp_path / "notes.tmp").write_text("someone's draft")
+    with pytest.raises(training.RunDirectoryConflict, match=f"{name} is not a readable"):
+        train(_config(), out_dir=tmp_path, data=data)
+    assert path.read_bytes() == before
+    assert (tmp_path / "notes.tmp").read_text() == "someone's draft"
+
+
+def test_a_finished_run_is_read_without_its_lock(data: MNIST1D, tmp_path: Path) -> None:
+    """Reporting a finished run needs no lock (a read-only store); an unfinished one that cannot
+    be locked is refused in one line."""
+    final = train(_config(epochs=1), out_dir=tmp_path / "done", data=data)
+    for run in ("done", "new"):
+        (tmp_path / run).mkdir(exist_ok=True)
+        (tmp_path / run / ".lock").unlink(missing_ok=True)
+        (tmp_path / run / ".lock").symlink_to(tmp_path / "missing" / "lock")  # cannot be made
+    assert train(_config(epochs=1), out_dir=tmp_path / "done", data=data) == final
+    with pytest.raises(training.RunDirectoryConflict, match="cannot lock"):
+        train(_config(epochs=1), out_dir=tmp_path / "new", data=data)
+
+
+def test_a_newton_schulz_run_whose_activations_overflow_ends_with_an_error(
+    data: MNIST1D, tmp_path: Path
+) -> None:
+    """A huge step can leave the weights finite (about 1e20) while the activations overflow:
+    the eigensolver then fails, and that is divergence too, not a LAPACK traceback."""
+    config = _config(
+        method="w-perp",
+        options={"k": 4, "solver": "newton-schulz"},
+        width=8,
+        depth=2,
+        lr=1e20,
+        weight_decay=0.0,
+        epochs=2,
+    )
+    with pytest.raises(training.TrainingDiverged, match="activations are no longer finite"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train(config, out_dir=tmp_path, data=data)
+
+
 @pytest.mark.parametrize("seed", [-1, 2**62 + 1, 2**64, True, 1.0])
 def test_seeds_outside_the_range_of_torch_generators_are_refused(seed) -> None:
     with pytest.raises(ValueError, match="seed must be"):

@@ -238,12 +238,12 @@ def _read_stored_run(
             reading = "final.json"
             with open(out / reading) as f:
                 final = json.load(f)
-            if not isinstance(final, dict):
-                raise ValueError("not a JSON object")
+            if not _has_run_fields(final, FINAL_FIELDS):
+                raise ValueError("not a finished run's record")
         elif (out / "checkpoint.pt").exists():
             reading = "checkpoint.pt"
             ckpt = torch.load(out / reading, map_location=device, weights_only=False)
-            if not isinstance(ckpt, dict):
+            if not _has_run_fields(ckpt, CHECKPOINT_FIELDS):
                 raise ValueError("not a training checkpoint")
         elif (out / "config.json").exists():
             reading = "config.json"
@@ -259,6 +259,29 @@ def _read_stored_run(
             "remove it, or choose another output directory"
         ) from None
     return final, ckpt
+
+
+#: the files a run writes into its directory (atomically, through temporaries)
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "model.pt",
+    "final.json",
+    "curves.png",
+)
+#: what a run's ``final.json`` and ``checkpoint.pt`` hold at least (besides a ``config`` dict);
+#: a file of the same name without them is another program's, left as it is
+FINAL_FIELDS = ("train_accuracy", "test_accuracy", "steps")
+CHECKPOINT_FIELDS = ("model", "optimizer", "epoch", "steps")
+
+
+def _has_run_fields(record: Any, fields: tuple[str, ...]) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("config"), dict)
+        and all(key in record for key in fields)
+    )
 
 
 def _check_stored_run(
@@ -313,7 +336,10 @@ def train(
         return _train(config, device, None, data, on_epoch, on_step)
     out = Path(out_dir)
     # a directory of another run or of something else is refused before anything is written
-    _check_stored_run(out, config, *_read_stored_run(out, device))
+    final, ckpt = _read_stored_run(out, device)
+    _check_stored_run(out, config, final, ckpt)
+    if final is not None:  # finished: read without the lock (a read-only store is reported)
+        return final
     with _run_lock(out):
         return _train(config, device, out, data, on_epoch, on_step)
 
@@ -326,7 +352,11 @@ def _run_lock(out: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
-    with open(out / ".lock", "w") as f:
+    try:  # read-only: a lock file another user made in a shared store serves as well
+        fd = os.open(out / ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
+    with os.fdopen(fd) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -357,8 +387,9 @@ def _train(
         _check_stored_run(out, config, final, ckpt)
         if final is not None:
             return final
-        for stale in out.glob("*.tmp"):  # of a process killed while writing (files.py)
-            stale.unlink(missing_ok=True)
+        for name in RUN_FILES:  # temporaries of a process killed while writing (files.py)
+            for stale in out.glob(f"{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
     data = (data if data is not None else mnist1d()).to(device)
     estimator = build_estimator(config)
 
@@ -386,7 +417,7 @@ def _train(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
-            if ckpt.get("config") == config.to_dict():  # else a checkpoint without a config
+            if ckpt["config"] == config.to_dict():  # (always: _check_stored_run refuses others)
                 model.load_state_dict(ckpt["model"])
                 optimizer.load_state_dict(ckpt["optimizer"])
                 estimator.state = ckpt["estimator_state"]
@@ -416,13 +447,19 @@ def _train(
                     model, data.x_train[idx], data.y_train[idx], generator=guess_gen
                 )
             except torch.linalg.LinAlgError as err:
-                if all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                # diverged: weights no longer finite, or finite but so large that the
+                # activations overflow (the solver then meets inf or NaN)
+                with torch.no_grad():
+                    logits = model(data.x_train[idx])
+                if all(bool(torch.isfinite(p).all()) for p in model.parameters()) and bool(
+                    torch.isfinite(logits).all()
+                ):
                     raise
                 where = out if out is not None else config.slug()
                 raise TrainingDiverged(
-                    f"{where}: the weights are no longer finite at step {steps + 1} (epoch "
-                    f"{epoch + 1}): training diverged, and {estimator!r} cannot go on from "
-                    f"them (a smaller learning rate may help)"
+                    f"{where}: the weights or activations are no longer finite at step "
+                    f"{steps + 1} (epoch {epoch + 1}): training diverged, and {estimator!r} "
+                    f"cannot go on from them (a smaller learning rate may help)"
                 ) from err
             optimizer.step()
             steps += 1

@@ -161,11 +161,11 @@ def set_threads(threads: int | None) -> None:
 def output_dir(path: Path, option: str = "--out") -> Path:
     """``path``, created if missing; a :class:`UsageError` where it cannot be (a file there, a
     parent that is a file or not writable) instead of a traceback halfway through a run."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{option} {path} is a file, not a directory")
     try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{option} {path} is a file, not a directory")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
+    except OSError as err:  # a name too long, a parent that is a file, no permission
         raise UsageError(f"cannot create {option} {path}: {err.strerror or err}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path} is not writable")

@@ -49,11 +49,15 @@ class MNIST1D:
 
 
 def cache_dir() -> Path:
-    """``$GUESSGRAD_CACHE``, else ``$XDG_CACHE_HOME/guessgrad``, else ``~/.cache/guessgrad``."""
-    if "GUESSGRAD_CACHE" in os.environ:
+    """``$GUESSGRAD_CACHE``, else ``$XDG_CACHE_HOME/guessgrad``, else ``~/.cache/guessgrad``.
+
+    An empty ``GUESSGRAD_CACHE`` counts as unset (not as the working directory), and a relative
+    ``XDG_CACHE_HOME`` is ignored, as the XDG specification says."""
+    if os.environ.get("GUESSGRAD_CACHE"):
         return Path(os.environ["GUESSGRAD_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "guessgrad"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "guessgrad"
 
 
 def _package_version() -> str:

@@ -35,7 +35,7 @@ import torch
 from ..data import MNIST1D, mnist1d
 from ..estimators import make_estimator
 from ..files import atomic_write_json
-from ..training import TrainConfig, train
+from ..training import FINAL_FIELDS, TrainConfig, train
 from .measure import diagnostics_record, overlap_record
 from .paper import DIAG_BATCH, DIAG_SAMPLES
 from .spec import Experiment, Method, Probe
@@ -97,9 +97,12 @@ class Task:
         )
 
     def done(self, store: RunStore) -> bool:
-        """Whether the output is there and readable: a damaged one is not done (a damaged
-        ``final.json`` makes training fail with the reason; a probe is measured again)."""
-        return store.read(self.config, self.output()) is not None
+        """Whether the output is there and readable: a damaged one is not done (a damaged or
+        foreign ``final.json`` makes training fail with the reason; a probe is measured again)."""
+        record = store.read(self.config, self.output())
+        if self.probe is not None:
+            return record is not None
+        return isinstance(record, dict) and all(k in record for k in ("config", *FINAL_FIELDS))
 
     def log_failure(self, store: RunStore, text: str) -> Path:
         """Write ``text`` to the task's :meth:`error_log` and return its path."""
