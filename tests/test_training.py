@@ -309,11 +309,29 @@ def test_git_revision_only_from_a_checkout_that_tracks_the_package(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
-    "bad", [{"width": 0}, {"epochs": -1}, {"lr": 0.0}, {"weight_decay": -0.1}, {"depth": 1.5}]
+    "bad",
+    [
+        {"width": 0},
+        {"epochs": -1},
+        {"lr": 0.0},
+        {"weight_decay": -0.1},
+        {"depth": 1.5},
+        {"lr": float("inf")},
+        {"weight_decay": float("inf")},
+        {"lr": float("nan")},
+        {"lr": "1e-3"},
+        {"lr": True},
+    ],
 )
 def test_bad_config_values_raise(bad: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         _config(**bad)
+
+
+def test_integer_and_float_rates_are_one_run() -> None:
+    """``weight_decay=0`` (Python API) and ``0.0`` (the command line) name the same run."""
+    a, b = _config(weight_decay=0, lr=1), _config(weight_decay=0.0, lr=1.0)
+    assert a == b and a.slug() == b.slug() and a.to_dict()["weight_decay"] == 0.0
 
 
 def test_a_diverging_run_warns_once_and_goes_on(data: MNIST1D, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +60,16 @@ class TrainConfig:
             raise ValueError(f"seed must be an integer, got seed={self.seed!r}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**62], got seed={self.seed!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got lr={self.lr!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got weight_decay={self.weight_decay!r}")
+        for name, ok, what in (
+            ("lr", lambda v: v > 0, "positive"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ):
+            value = getattr(self, name)
+            real = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (real and math.isfinite(value) and ok(value)):
+                raise ValueError(f"{name} must be a finite number {what}, got {name}={value!r}")
+            # 0 and 0.0 are one run: the same record and directory name
+            object.__setattr__(self, name, float(value))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
