@@ -221,6 +221,20 @@ def test_parallel_sweep_reports_a_failing_run_and_goes_on(tmp_path: Path) -> Non
     assert recorder.epochs == 2  # the two good runs' epochs, reported from the workers
 
 
+def test_an_unwritable_cache_is_reported_once_per_sweep(tmp_path: Path, monkeypatch, capfd):
+    """The sweep's process warns; its workers, which regenerate the data, stay quiet."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("no cache folder below a file")
+    monkeypatch.setenv("GUESSGRAD_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(runner, "_DATA", None)
+    tasks = plan(_tiny(epochs=1), seeds=[0], epochs=1)
+    with pytest.warns(UserWarning, match="could not write the MNIST-1D cache") as caught:
+        outcomes = run_tasks(tasks, tmp_path / "store", jobs=2)
+    assert {o.status for o in outcomes} == {"done"}
+    assert sum("MNIST-1D cache" in str(w.message) for w in caught) == 1  # this process
+    assert "MNIST-1D cache" not in capfd.readouterr().err  # the two workers
+
+
 def test_probe_tasks_write_measurements(tmp_path: Path) -> None:
     wt = method("W̃ᵀ", "w-transpose")
     cells = (

@@ -48,3 +48,28 @@ def test_durations_read_as_seconds_minutes_hours() -> None:
         "1 h 00 min",
         "3 h 05 min",
     ]
+
+
+def test_train_lines_give_the_step_rate_and_none_from_a_single_resumed_step(capsys) -> None:
+    """Plain lines (no terminal): steps per second of training time; a run resumed with one
+    step per epoch cannot time that step (its start is unknown) and says so, not 0.0."""
+    from guessgrad.cli.progress import TrainProgress
+
+    def line(epoch: int, wall: float) -> dict:
+        return {
+            "epoch": epoch,
+            "train_loss": 1.0,
+            "train_accuracy": 0.5,
+            "test_accuracy": 0.4,
+            "wall_seconds": wall,
+        }
+
+    fresh = TrainProgress(2, 4, quiet=False, desc="run")
+    for _ in range(4):
+        fresh.on_step(0, 1.0)
+    fresh.on_epoch(line(1, 2.0))  # 4 steps in 2 s of training
+    resumed = TrainProgress(3, 1, quiet=False, desc="run")
+    resumed.on_step(0, 1.0)
+    resumed.on_epoch(line(3, 9.0))
+    out = capsys.readouterr().err.splitlines()
+    assert out[0].endswith("2.0 steps/s") and out[1].endswith("– steps/s")

@@ -48,11 +48,13 @@ class TrainProgress:
 
     def on_epoch(self, line: dict[str, Any]) -> None:
         epoch = line["epoch"]
-        if self._wall is None and epoch > 1:  # resumed: time this epoch's steps directly
+        if self._wall is None and epoch > 1:  # resumed: time this epoch's steps directly,
+            # from the end of the first (whose start is unknown): no rate from one step
             elapsed = time.perf_counter() - (self._first_step or time.perf_counter())
-            rate = (self._steps - 1) / max(elapsed, 1e-9)
+            rate = (self._steps - 1) / elapsed if self._steps > 1 and elapsed > 0 else None
         else:
             rate = self._steps / max(line["wall_seconds"] - (self._wall or 0.0), 1e-9)
+        speed = "–" if rate is None else f"{rate:.1f}"
         self._wall, self._first_step, self._steps = line["wall_seconds"], None, 0
         if self.bar is not None:
             self.bar.update(epoch - self.bar.n)
@@ -61,14 +63,14 @@ class TrainProgress:
                     "loss": f"{line['train_loss']:.4f}",
                     "train": f"{line['train_accuracy']:.3f}",
                     "test": f"{line['test_accuracy']:.3f}",
-                    "steps/s": f"{rate:.1f}",
+                    "steps/s": speed,
                 }
             )
         elif not self.quiet and (epoch % self.every == 0 or epoch in (1, self.epochs)):
             print(
                 f"epoch {epoch}/{self.epochs}  loss {line['train_loss']:.4f}  "
                 f"train {line['train_accuracy']:.3f}  test {line['test_accuracy']:.3f}  "
-                f"{rate:.1f} steps/s",
+                f"{speed} steps/s",
                 file=self.stream,
                 flush=True,
             )

@@ -246,6 +246,8 @@ def _worker(wid: int, tasks: Any, events: Any, root: str, threads: int) -> None:
     every epoch (whose checkpoint is then written), and leaves the rest to the next sweep."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     plain_warnings()
+    # the sweep's process has said it, once
+    warnings.filterwarnings("ignore", message="could not write the MNIST-1D cache")
     torch.set_num_threads(threads)
     parent = mp.parent_process()
 
