@@ -133,8 +133,10 @@ def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Pat
     _interrupted(config, tmp_path / "run", data, after=2)
     assert not (tmp_path / "run" / "final.json").exists()
     assert (tmp_path / "run" / "checkpoint.pt").exists()
-    # what a process killed outright while writing its checkpoint leaves beside it
-    (tmp_path / "run" / "checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    # what a process killed while writing leaves beside its files, with this code and with
+    # earlier versions'
+    for name in ("checkpoint.pt.k1ll3d.tmp", "checkpoint.tmp", "metrics.tmp", "tmpab12cd34.tmp"):
+        (tmp_path / "run" / name).write_bytes(b"half a file")
     resumed = train(config, out_dir=tmp_path / "run", data=data)
     assert not list((tmp_path / "run").glob("*.tmp"))  # removed on resuming
     assert resumed["train_accuracy"] == reference["train_accuracy"]
@@ -328,10 +330,13 @@ def test_bad_config_values_raise(bad: dict) -> None:
         _config(**bad)
 
 
-def test_integer_and_float_rates_are_one_run() -> None:
-    """``weight_decay=0`` (Python API) and ``0.0`` (the command line) name the same run."""
-    a, b = _config(weight_decay=0, lr=1), _config(weight_decay=0.0, lr=1.0)
-    assert a == b and a.slug() == b.slug() and a.to_dict()["weight_decay"] == 0.0
+def test_rates_are_kept_as_given() -> None:
+    """An int rate stays an int: runs stored with one keep their directory name."""
+    config = _config(weight_decay=0, lr=1)
+    assert config.to_dict()["weight_decay"] == 0 and type(config.lr) is int
+    assert config.slug() == "w-transpose-w8-d3-e3-s3-7eca4cd1"  # the name the store has
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        _config(lr=10**400)
 
 
 def test_a_diverging_run_warns_once_and_goes_on(data: MNIST1D, tmp_path: Path) -> None:

@@ -66,10 +66,14 @@ class TrainConfig:
         ):
             value = getattr(self, name)
             real = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (real and math.isfinite(value) and ok(value)):
+            try:
+                finite = real and math.isfinite(value)
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not (finite and ok(value)):
                 raise ValueError(f"{name} must be a finite number {what}, got {name}={value!r}")
-            # 0 and 0.0 are one run: the same record and directory name
-            object.__setattr__(self, name, float(value))
+            # kept as given (not made a float): the directory name of a run stored with an
+            # int value through the Python API hashes that int
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -270,6 +270,15 @@ RUN_FILES = (
     "final.json",
     "curves.png",
 )
+#: the temporaries a killed writer can leave in a run's directory: ``NAME.<random>.tmp`` of
+#: the files above, and those of earlier versions (``checkpoint.tmp``, ``metrics.tmp``,
+#: ``tmp<8 random characters>.tmp``)
+STALE_TEMPORARIES = (
+    *(f"{name}.*.tmp" for name in RUN_FILES),
+    "checkpoint.tmp",
+    "metrics.tmp",
+    "tmp" + "?" * 8 + ".tmp",
+)
 #: what a run's ``final.json`` and ``checkpoint.pt`` hold at least (besides a ``config`` dict);
 #: a file of the same name without them is another program's, left as it is
 FINAL_FIELDS = ("train_accuracy", "test_accuracy", "steps")
@@ -352,8 +361,14 @@ def _run_lock(out: Path) -> Iterator[None]:
     if fcntl is None:  # pragma: no cover - not POSIX
         yield
         return
-    try:  # read-only: a lock file another user made in a shared store serves as well
-        fd = os.open(out / ".lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:  # for writing (NFS emulates an exclusive flock with a write lock), else read-only:
+        # a lock file another user made in a shared store serves as well on a local disk
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        try:
+            fd = os.open(out / ".lock", os.O_RDONLY)
+        except OSError as err:
+            raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
     except OSError as err:
         raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
     with os.fdopen(fd) as f:
@@ -365,6 +380,8 @@ def _run_lock(out: Path) -> Iterator[None]:
                 stacklevel=3,
             )
             fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError as err:
+            raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
         try:
             yield
         finally:
@@ -387,8 +404,8 @@ def _train(
         _check_stored_run(out, config, final, ckpt)
         if final is not None:
             return final
-        for name in RUN_FILES:  # temporaries of a process killed while writing (files.py)
-            for stale in out.glob(f"{name}.*.tmp"):
+        for pattern in STALE_TEMPORARIES:  # of a process killed while writing (files.py)
+            for stale in out.glob(pattern):
                 stale.unlink(missing_ok=True)
     data = (data if data is not None else mnist1d()).to(device)
     estimator = build_estimator(config)
