@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -68,6 +69,32 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
     out, err = capsys.readouterr()
     assert out == "" and "finished run of another configuration (seed 0 there, 9 here)" in err
     assert (tmp_path / "run" / "final.json").stat().st_mtime_ns == stamp
+
+
+def test_train_reads_a_finished_run_in_a_read_only_folder(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A finished run in a folder this process may not write to (a shared store) is reported,
+    not refused, and nothing is written there; an unfinished run there is refused."""
+    run, new = tmp_path / "run", tmp_path / "new"
+    assert _train(run, "--quiet") == 0
+    new.mkdir()
+    (run / "curves.png").unlink()
+    before = sorted(p.name for p in run.iterdir())
+    access = os.access
+
+    def read_only(path, mode, **kwargs) -> bool:
+        if Path(path) in (run, new) and mode & os.W_OK:
+            return False
+        return access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", read_only)
+    assert _train(run) == 0
+    out, err = capsys.readouterr()
+    assert "not trained again" in out and "train accuracy" in out and err == ""
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert _train(new) == 2
+    assert "is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

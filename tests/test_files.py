@@ -62,3 +62,20 @@ def test_atomic_files_get_the_usual_permissions(tmp_path: Path, umask: int) -> N
     for name in ("final.json", "figure.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == plain
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="folders are opened for fsync on POSIX only")
+def test_the_file_then_its_folder_reach_the_disk(tmp_path: Path, monkeypatch) -> None:
+    """The content is flushed before the rename, and the folder's entry after it, so that a
+    crash of the system leaves the old file or the whole new one."""
+    synced: list[tuple[str, bool]] = []
+    fsync = os.fsync
+
+    def record(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        synced.append(("folder" if stat.S_ISDIR(mode) else "file", (tmp_path / "t.md").exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    atomic_write_text(tmp_path / "t.md", "x")
+    assert synced == [("file", False), ("folder", True)]

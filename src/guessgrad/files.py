@@ -2,8 +2,9 @@
 
 Every file a run or a report writes (config, checkpoint, metrics, final record, measurements,
 tables, figures) and the data cache go through :func:`atomic_path`: the content is written to
-a temporary file beside the destination, flushed to disk and renamed onto it, so a reader sees
-the old file or the whole new one.  A write that fails or is interrupted by an exception
+a temporary file beside the destination, flushed to disk and renamed onto it (the folder is
+flushed too, so the rename survives a crash of the system), so a reader sees the old file or
+the whole new one.  A write that fails or is interrupted by an exception
 (Ctrl-C included) removes its temporary file; only a process killed by a signal (SIGKILL, or
 SIGTERM to a sweep's worker) can leave one, named ``<name>.<random>.tmp``, which a resumed
 run removes from its folder.
@@ -46,6 +47,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _sync_folder(path.parent)
 
 
 def atomic_write_json(path: str | Path, payload: dict[str, Any]) -> None:
@@ -58,6 +60,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """``text`` written through :func:`atomic_path`."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _sync_folder(folder: Path) -> None:
+    # the rename itself reaches the disk only with the folder's entry: fsync the folder where
+    # the system allows it (POSIX; not Windows, whose folders cannot be opened this way)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

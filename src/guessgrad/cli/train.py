@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -128,8 +129,11 @@ def run(args: argparse.Namespace) -> int:
         options=options,
     )
     set_threads(args.threads)
-    out = output_dir(args.out if args.out is not None else Path("results") / "runs" / config.slug())
-    already = (out / "final.json").exists()
+    out = args.out if args.out is not None else Path("results") / "runs" / config.slug()
+    # a finished run is only read: its folder may be read-only (a shared store)
+    already = (out / "final.json").is_file()
+    if not already:
+        out = output_dir(out)
     data = mnist1d()
     if not (args.quiet or already):
         for note in _notes(config, data.x_train.shape[0]):
@@ -151,7 +155,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     title = f"{config.method}, width {config.width}, depth {config.depth}, seed {config.seed}"
-    draw_curves([(config.slug(), {config.method: [read_metrics(out)]})], out / "curves.png", title)
+    if not already or (not (out / "curves.png").exists() and os.access(out, os.W_OK | os.X_OK)):
+        draw_curves(
+            [(config.slug(), {config.method: [read_metrics(out)]})], out / "curves.png", title
+        )
     if not args.quiet:
         if already:
             other = "another --out" if args.out is not None else "--out"
