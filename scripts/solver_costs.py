@@ -11,6 +11,7 @@ one default ``w-perp`` estimate at width 512.  One torch thread.
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -44,7 +45,8 @@ def warm_fidelity(site, **options) -> float:
     return subspace_fidelity(site.jacobian.dense(), basis, 10)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args(argv)
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     print("| p | eigh of 512 p×p (ms) | cholesky of 512 p×p (ms) |\n|---|---|---|")

@@ -276,6 +276,14 @@ def test_help_and_bad_options_do_not_load_torch(argv: list[str]) -> None:
     assert bool(done.stderr) == (argv[-1] not in ("--help", "--version")), done.stderr
 
 
+@pytest.mark.parametrize("module", ["guessgrad", "guessgrad.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("guessgrad ")
+
+
 def test_the_package_loads_its_public_names_on_first_use() -> None:
     """``import guessgrad`` does not load PyTorch; every name in ``__all__`` is there when asked
     for, and only those."""
