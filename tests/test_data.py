@@ -210,3 +210,9 @@ def test_the_cache_file_is_readable_like_any_other(monkeypatch, tmp_path):
         os.umask(previous)
     (path,) = tmp_path.iterdir()
     assert path.suffix == ".npz" and stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, "float32"])
+def test_a_dtype_that_is_not_floating_is_refused(dtype) -> None:
+    with pytest.raises(TypeError, match="floating torch dtype"):
+        guessgrad.data.mnist1d(dtype=dtype)

@@ -413,6 +413,8 @@ def test_bad_batches_are_rejected(estimator_case, index, model, batch):
         ({"k": 3, "subspace": "middle"}, "subspace='middle'"),
         ({"k": 3, "solver": "subspace", "depth": -1}, "depth=-1"),
         ({"k": 3, "solver": "subspace", "depth": 1.5}, "depth=1.5"),
+        ({"k": 3, "solver": "subspace", "depth": True}, "depth=True"),
+        ({"k": 3, "solver": "newton-schulz", "refresh": True}, "refresh=True"),
         ({"k": 3, "solver": "subspace", "block": 0}, "block=0"),
         ({"k": 9, "solver": "subspace", "block": 2, "depth": 1}, "smaller than k=9"),
     ],
@@ -420,6 +422,16 @@ def test_bad_batches_are_rejected(estimator_case, index, model, batch):
 def test_bad_w_perp_options(options, match):
     with pytest.raises(ValueError, match=match):
         guessgrad.make_estimator("w-perp", **options)
+
+
+def test_w_perp_takes_integers_of_any_type():
+    """NumPy integers (from a config or a sweep) are ints, kept as Python ints for the JSON of a
+    run's config; booleans are refused above."""
+    import numpy as np
+
+    est = guessgrad.make_estimator("w-perp", k=np.int64(3), solver="subspace", depth=np.int32(1))
+    assert est.options()["k"] == 3 and type(est.options()["k"]) is int
+    assert type(est.options()["depth"]) is int
 
 
 @pytest.mark.parametrize(
@@ -513,3 +525,20 @@ def test_unsupported_models_are_rejected(estimator_case, index):
     y = torch.zeros(3, dtype=torch.int64)
     with pytest.raises(error, match=match):
         estimator_case.make().estimate(model, x, y, generator=seeded(0))
+
+
+def test_inference_mode_is_refused_but_its_tensors_are_accepted(estimator_case, model, batch):
+    """Under ``torch.inference_mode()`` the estimates would be inference tensors that an
+    optimizer cannot update afterwards (backprop cannot run at all): a clear error.  A batch
+    made under inference mode and used outside it gives the usual estimate."""
+    x, y = batch
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.inference_mode"):
+        estimator_case.make().estimate(model, x, y, generator=seeded(0))
+    assert all(p.grad is None for p in model.parameters())
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+    ref = copy.deepcopy(model)
+    estimator_case.make().estimate(ref, x, y, generator=seeded(0))
+    estimator_case.make().estimate(model, xi, yi, generator=seeded(0))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), ref.parameters()))
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # in place: not inference tensors

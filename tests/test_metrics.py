@@ -306,3 +306,33 @@ def test_diagnose_rejects_bad_batches(model, batch):
         guessgrad.diagnose(model, x, y.clone().fill_(7), guessgrad.make_estimator("backprop"))
     with pytest.raises(TypeError, match="x has dtype torch.float32"):
         guessgrad.diagnose(model, x.float(), y, guessgrad.make_estimator("backprop"))
+
+
+@pytest.mark.parametrize("k", [0, -1, 2.5, "rank", True])
+def test_diagnose_rejects_a_bad_k(k, model, batch):
+    x, y = batch
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        guessgrad.diagnose(model, x, y, guessgrad.make_estimator("w-transpose"), k=k)
+
+
+def test_diagnose_of_a_frozen_layer_reads_no_stale_gradient(model, batch):
+    """The cosine of an estimator without a covariance comes from its estimate, not from
+    ``p.grad``, which a frozen layer keeps from earlier (it read -0.2 for backprop, or raised
+    where there was none): NaN where the estimator estimates nothing (backprop)."""
+    x, y = batch
+    m = copy.deepcopy(model)
+    first = guessgrad.linear_layers(m)[0]
+    first.requires_grad_(False)
+    for stale in (None, torch.ones_like(first.weight)):
+        first.weight.grad = stale
+        cos = [r.cosine for r in guessgrad.diagnose(m, x, y, guessgrad.Backprop(), samples=1)]
+        assert math.isnan(cos[0]) and cos[1:] == pytest.approx([1.0] * (len(cos) - 1))
+        assert first.weight.grad is stale
+        wp = guessgrad.diagnose(m, x, y, guessgrad.make_estimator("weight-perturbation"))
+        assert abs(wp[0].cosine) < 0.5  # an estimate of the true gradient, not of the stale one
+
+
+def test_diagnose_refuses_inference_mode(model, batch):
+    x, y = batch
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.inference_mode"):
+        guessgrad.diagnose(model, x, y, guessgrad.make_estimator("w-transpose"))

@@ -116,6 +116,44 @@ def test_one_relu_at_several_positions_is_fine_but_a_tied_linear_is_refused():
         guessgrad.linear_layers(tied)
 
 
+def test_shared_parameters_pruning_and_hooks_are_refused():
+    """Each of these made the forward-gradient estimators silently wrong: a weight shared by two
+    layers got only the last layer's share of its gradient, a pruned layer's estimate went to
+    the computed weight (not the parameter the optimizer steps) and hooks were skipped."""
+    import torch.nn.utils.prune as prune
+
+    def mlp() -> nn.Sequential:
+        return guessgrad.MLP([8, 8, 8, 4])
+
+    shared = mlp()
+    shared[2].weight = shared[0].weight
+    with pytest.raises(ValueError, match="'2': its weight is a parameter of an earlier layer"):
+        guessgrad.linear_layers(shared)
+    shared = mlp()
+    shared[2].bias = shared[0].bias
+    with pytest.raises(ValueError, match="'2': its bias is a parameter of an earlier layer"):
+        guessgrad.linear_layers(shared)
+    pruned = mlp()
+    prune.l1_unstructured(pruned[0], "weight", amount=0.5)
+    with pytest.raises(ValueError, match="'0' has forward hooks"):
+        guessgrad.linear_layers(pruned)
+    prune.remove(pruned[0], "weight")  # permanent: a plain parameter again
+    assert guessgrad.linear_layers(pruned)[0] is pruned[0]
+    hooked = mlp()
+    hooked.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match="the model has forward hooks"):
+        guessgrad.linear_layers(hooked)
+    hooked = mlp()
+    hooked[1].register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(ValueError, match="'1' has forward hooks"):
+        guessgrad.linear_layers(hooked)
+    computed = mlp()
+    del computed[0].weight
+    computed[0].weight = torch.zeros(8, 8)  # a plain tensor, not a parameter
+    with pytest.raises(ValueError, match="weight is not an nn.Parameter"):
+        guessgrad.linear_layers(computed)
+
+
 def test_named_modules_are_named_in_errors():
     from collections import OrderedDict
 

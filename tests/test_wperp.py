@@ -320,6 +320,19 @@ def test_exact_top_k_on_active_columns_is_the_dense_svd():
         assert float((dense[b] @ basis[b, r:].mT).abs().max()) <= 1e-12
 
 
+def test_newton_schulz_ratio_skips_a_first_example_with_no_active_unit():
+    """σ_k/σ_1 is the first example's (the paper's code), but an example whose units are all
+    off has W̃_b = 0 and no spectrum: the first example after it with one is used instead of
+    a ratio of 0, which would pick the coarsest polynomial for the next 50 steps."""
+    site = random_site(24, 30, 6, seed=21, dead=(0, 1))
+    _, update = WPerpGuess(4, solver="newton-schulz").basis(site, {})
+    dense = site.jacobian.dense()
+    assert update["sigma_ratio"] > 0
+    assert update["sigma_ratio"] == pytest.approx(sigma_ratio(dense[2], 4), rel=1e-12)
+    dead = random_site(24, 30, 3, seed=21, dead=(0, 1, 2))  # nothing to measure: 0
+    assert WPerpGuess(4, solver="newton-schulz").basis(dead, {})[1]["sigma_ratio"] == 0.0
+
+
 @pytest.mark.parametrize("group", [64, 2])
 def test_newton_schulz_guess_is_the_polynomial_of_each_example(monkeypatch, group):
     """W̃⊥-NS from Gram matrices on active columns, examples grouped by active count: the

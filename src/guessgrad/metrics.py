@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .estimators.base import Estimator, check_batch
+from .estimators.base import Estimator, check_batch, check_not_inference_mode
 from .estimators.forward_gradient import ForwardGradient
 from .guesses import Guess, Site, WPerpGuess
 from .models import linear_layers
@@ -40,7 +41,8 @@ __all__ = ["LayerDiagnostics", "diagnose", "true_gradients", "overlap", "subspac
 
 @dataclass(frozen=True)
 class LayerDiagnostics:
-    """One hidden layer's statistics; ``None`` where the estimator has no guess covariance."""
+    """One hidden layer's statistics; ``None`` where the estimator has no guess covariance.
+    ``cosine`` is NaN for a frozen layer that the estimator does not estimate (backprop)."""
 
     layer: int
     width: int
@@ -127,16 +129,24 @@ def diagnose(
         est: any estimator.  Bias, variance, cov. norm need a guess covariance and are
             ``None`` for estimators without one (backprop, weight perturbation).
         samples: independent draws per example for the Monte-Carlo expectations.
-        k: the subspace size of the overlap; defaults to the estimator's k, else 10.
+        k: the subspace size of the overlap, a positive integer; defaults to the estimator's
+            k, else 10.
         generator: source of the guesses' randomness.
 
     Every draw starts from the estimator's current state (a copy): diagnosing does not
     advance warm starts or counters, and all draws share one covariance per example.
     """
+    check_not_inference_mode("diagnose")
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got samples={samples!r}")
+    if k is not None:
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive integer, got k={k!r}")
+        k = int(k)
     layers = linear_layers(model)
     check_batch(layers, x, y)
+    if x.is_inference() or y.is_inference():  # made under inference mode: autograd cannot
+        x, y = x.clone(), y.clone()  # save them
     y = y.long()  # any integer labels: cross-entropy and label indexing need int64
     g_true, w_true = true_gradients(layers, x, y)
     hidden = range(len(layers) - 1)
@@ -147,7 +157,7 @@ def diagnose(
     with torch.no_grad():
         cos_sum = [0.0 for _ in hidden]
         if not isinstance(est, ForwardGradient):
-            return _cosine_only(model, layers, x, y, est, samples, generator, w_true, k)
+            return _cosine_only(layers, x, y, est, samples, generator, w_true, k)
 
         saved = copy.deepcopy(est.state)
         covs: dict[int, Tensor] = {}
@@ -209,7 +219,6 @@ def diagnose(
 
 
 def _cosine_only(
-    model: nn.Module,
     layers: list[nn.Linear],
     x: Tensor,
     y: Tensor,
@@ -219,21 +228,24 @@ def _cosine_only(
     w_true: list[Tensor],
     k: int,
 ) -> list[LayerDiagnostics]:
-    """Cosine similarity only, for estimators without a guess covariance."""
-    params = list(model.parameters())
-    saved_grads = [p.grad for p in params]
+    """Cosine similarity only, for estimators without a guess covariance.  The estimates are
+    taken from the estimator directly, not through ``p.grad`` (left as it was): a frozen
+    layer, whose ``p.grad`` the estimator does not write, would read a stale gradient."""
     saved_state = copy.deepcopy(est.state)
     hidden = range(len(layers) - 1)
     cos = [0.0 for _ in hidden]
     for _ in range(samples):
         est.state = copy.deepcopy(saved_state)
-        est.estimate(model, x, y, generator=generator)
+        _, pairs = est._estimate(layers, x, y, generator)
+        found = {id(param): grad for param, grad in pairs}
         for i in hidden:
-            w_hat = layers[i].weight.grad
-            cos[i] += float(F.cosine_similarity(w_hat.flatten(), w_true[i].flatten(), dim=0))
+            w_hat = found.get(id(layers[i].weight))
+            cos[i] += (
+                float("nan")
+                if w_hat is None
+                else float(F.cosine_similarity(w_hat.flatten(), w_true[i].flatten(), dim=0))
+            )
     est.state = saved_state
-    for p, grad in zip(params, saved_grads):
-        p.grad = grad
     return [
         LayerDiagnostics(
             layer=i,

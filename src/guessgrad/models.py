@@ -56,11 +56,20 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
         TypeError: ``model`` is not an ``nn.Sequential``, or holds a module other than
             ``nn.Linear``/``nn.ReLU``; the message names the offending module.
         ValueError: the modules are of supported types but in an unsupported order, with
-            mismatched widths, or one ``nn.Linear`` at two positions (tied weights).  One
-            ``nn.ReLU`` at several positions is fine.
+            mismatched widths, one ``nn.Linear`` at two positions or two layers sharing a
+            parameter (tied weights), a weight or bias that is not an ``nn.Parameter`` (a
+            pruned layer: ``torch.nn.utils.prune`` computes the weight in a hook), or forward
+            hooks on the model or its modules (the forward-gradient estimators compute each
+            layer from its parameters and would skip them).  One ``nn.ReLU`` at several
+            positions is fine.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"unsupported model {type(model).__name__}: expected {_SUPPORTED}")
+    if model._forward_hooks or model._forward_pre_hooks:
+        raise ValueError(
+            "the model has forward hooks: the estimators compute the layers from their "
+            "parameters and would skip them; remove them"
+        )
     # every position, a module used at several of them included (named_children lists it once)
     modules = list(model._modules.items())
     if not modules:
@@ -80,12 +89,33 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
             )
         if isinstance(module, nn.ReLU) and module.inplace:
             raise ValueError(f"module {name!r}: in-place ReLU is not supported, use nn.ReLU()")
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise ValueError(
+                f"module {name!r} has forward hooks (pruning and the old weight_norm work "
+                "through them): the estimators compute the layers from their parameters and "
+                "would skip them; remove them (torch.nn.utils.prune.remove makes pruning "
+                "permanent)"
+            )
         if isinstance(module, nn.Linear):
             if any(module is earlier for earlier in linears):
                 raise ValueError(
                     f"module {name!r} at position {pos} is a Linear already used at an earlier "
                     "position: tied weights are not supported"
                 )
+            for attr in ("weight", "bias"):
+                value = getattr(module, attr)
+                if value is not None and not isinstance(value, nn.Parameter):
+                    raise ValueError(
+                        f"module {name!r}: its {attr} is not an nn.Parameter (a pruned or "
+                        "reparametrised layer): not supported"
+                    )
+                if value is not None and any(
+                    value is p for earlier in linears for p in (earlier.weight, earlier.bias)
+                ):
+                    raise ValueError(
+                        f"module {name!r}: its {attr} is a parameter of an earlier layer: tied "
+                        "weights are not supported"
+                    )
             if linears and linears[-1].out_features != module.in_features:
                 raise ValueError(
                     f"module {name!r} expects {module.in_features} inputs but the previous "

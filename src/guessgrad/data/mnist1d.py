@@ -107,6 +107,8 @@ def mnist1d(*, dtype: torch.dtype = torch.float32, cache: bool = True) -> MNIST1
             the generator's arguments and the ``mnist1d`` package's version, and written
             atomically.
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
     from mnist1d.data import get_dataset_args
 
     args = {k: v for k, v in get_dataset_args(as_dict=True).items() if k != "url"}

@@ -18,7 +18,18 @@ from torch import Tensor, nn
 
 from ..models import linear_layers
 
-__all__ = ["Estimator", "check_batch"]
+__all__ = ["Estimator", "check_batch", "check_not_inference_mode"]
+
+
+def check_not_inference_mode(what: str) -> None:
+    """Refuse ``torch.inference_mode()``: gradients made there are inference tensors, which an
+    optimizer (or ``clip_grad_norm_``, ``zero_grad``) cannot update in place afterwards, and
+    autograd (``Backprop``) does not run there."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{what} cannot run under torch.inference_mode(): its gradients would be inference "
+            "tensors that an optimizer cannot update; use torch.no_grad() instead"
+        )
 
 
 def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
@@ -77,8 +88,11 @@ class Estimator(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Write gradient estimates into ``p.grad`` and return the loss (detached, 0-d)."""
+        check_not_inference_mode("estimate")
         layers = linear_layers(model)
         check_batch(layers, x, y)
+        if x.is_inference() or y.is_inference():  # made under inference mode: autograd cannot
+            x, y = x.clone(), y.clone()  # save them
         y = y.long()  # any integer labels: cross-entropy and label indexing need int64
         with torch.no_grad():
             loss, grads = self._estimate(layers, x, y, generator)

@@ -23,10 +23,12 @@ returns y_b = V_k z_b; it never needs U.  ``solver`` picks how V_k is computed:
 - ``"newton-schulz"``: the paper's W̃⊥-NS (§2.6, :mod:`guessgrad.solvers.newton_schulz`): a
   fitted odd polynomial applied 5 times to W̃_b/σ_1 gives F_b ≈ U_k V_kᵀ and y_b = F_bᵀ ε_b;
   σ_k/σ_1 is computed on the batch's first example and refreshed every ``refresh`` steps (50,
-  as in the paper).  The polynomial is iterated on the Gram matrix W̃_bᵀW̃_b restricted to
-  W̃_b's active columns (the others are zero and stay zero), gathered from the shared
-  W_{i+1}ᵀW_{i+1}, with the examples grouped by their number of active units so that each
-  group is padded only to its own largest count; y_bᵀ = (ε_bᵀW̃_b) q(A_0) ⋯ q(A_{N−1}) needs
+  as in the paper); where the first example's W̃_b is zero (no active unit), on the first
+  example after it whose W̃_b is not (a departure: the paper's code would take 0).  The
+  polynomial is iterated on the Gram matrix W̃_bᵀW̃_b restricted to W̃_b's active columns (the
+  others are zero and stay zero), gathered from the shared W_{i+1}ᵀW_{i+1}, with the examples
+  grouped by their number of active units so that each group is padded only to its own largest
+  count; y_bᵀ = (ε_bᵀW̃_b) q(A_0) ⋯ q(A_{N−1}) needs
   W̃_b only through one shared product (:func:`~guessgrad.solvers.newton_schulz.ns_gram_apply`).
   σ̂_1 comes from power iteration through ``gram_apply``.  Same F_b as the dense polynomial
   (to rounding).  Where the next layer has at most k rows the top-k subspace is the whole row
@@ -43,6 +45,7 @@ form above gives the m-dimensional row space.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Literal
 
 import torch
@@ -87,6 +90,14 @@ DEFAULT_CHUNK: int | None = None
 CHUNK_BYTES = 5 * 2**20
 
 
+def _integer(value: Any) -> Any:
+    """``int(value)`` for an integer of any type but bool; anything else as it is (refused by
+    the checks that follow)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return value
+
+
 class WPerpGuess(Guess):
     """y_b = V_k z_b, z_b ~ N(0, I_k): guesses in the top-k (or bottom-k) subspace of W̃_b.
 
@@ -122,11 +133,19 @@ class WPerpGuess(Guess):
         chunk: int | None = DEFAULT_CHUNK,
         refresh: int = NS_REFRESH,
     ) -> None:
+        # integers of any kind (NumPy's too) are taken as ints, booleans are not
+        refresh, chunk, depth, block = map(_integer, (refresh, chunk, depth, block))
+        k = k if k == "rank" else _integer(k)
+        for name, value in (("k", k), ("depth", depth), ("block", block), ("chunk", chunk)):
+            if isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {name}={value!r}")
+        if isinstance(refresh, bool):
+            raise ValueError(f"refresh must be a positive integer, got refresh={refresh!r}")
         if not isinstance(refresh, int) or refresh < 1:
             raise ValueError(f"refresh must be a positive integer, got refresh={refresh!r}")
         if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
             raise ValueError(f"chunk must be a positive integer or None, got chunk={chunk!r}")
-        if k != "rank" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        if k != "rank" and (not isinstance(k, int) or k < 1):
             raise ValueError(f"k must be a positive integer or 'rank', got k={k!r}")
         if subspace not in ("top", "bottom"):
             raise ValueError(f"subspace must be 'top' or 'bottom', got subspace={subspace!r}")
@@ -201,8 +220,13 @@ class WPerpGuess(Guess):
         # model) is not reused; a state without the key (older checkpoints) keeps its ratio
         key = (jac.rows, jac.cols, str(jac.dtype))
         if ratio is None or steps % self.refresh == 0 or state.get("ns_layer", key) != key:
-            first, _ = dense_active(jac.select(slice(0, 1)), k)
-            ratio = sigma_ratio(first[0], k)  # the first example, as the paper's code
+            # the first example, as the paper's code, or the first with W̃_b ≠ 0 after it: an
+            # example with no active unit would give 0 and the coarsest polynomial for 50 steps
+            for b in range(jac.batch):
+                first, _ = dense_active(jac.select(slice(b, b + 1)), k)
+                if bool(first.any()):
+                    break
+            ratio = sigma_ratio(first[0], k)
             update.update(sigma_ratio=ratio, ns_layer=key)
         bsz, n = jac.batch, jac.cols
         start = jac.restrict(power_start(n, jac.dtype, jac.device).expand(bsz, n))

@@ -42,7 +42,8 @@ Departures from the paper:
   matrix function, without X: for W̃_b = W_{i+1} M_b, A is a masked submatrix of the shared
   W_{i+1}ᵀW_{i+1} and ε_bᵀX one shared product.  :func:`newton_schulz` is the X iteration as
   the paper writes it, kept as the reference.
-- σ_k/σ_1 is computed for one matrix (the first example, as the paper's code does) with
+- σ_k/σ_1 is computed for one matrix (the first example, as the paper's code does, or the
+  first after it with W̃_b ≠ 0 where it has no active unit) with
   ARPACK's implicitly restarted Lanczos method (``scipy.sparse.linalg.svds``), falling back
   to a dense ``torch.linalg.svdvals`` where ARPACK cannot be used or fails.
 """
