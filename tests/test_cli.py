@@ -71,6 +71,28 @@ def test_train_quiet_prints_nothing_and_finished_runs_are_kept(tmp_path: Path, c
     assert (tmp_path / "run" / "final.json").stat().st_mtime_ns == stamp
 
 
+def test_train_names_its_run_as_the_experiments_do(tmp_path: Path, monkeypatch) -> None:
+    """Without --k/--solver/--sigma, train gives the options the experiments give (W̃⊥: k = 10
+    and the fast solver), so the default --out is the run directory a sweep reuses; an option
+    typed on the command line replaces its default."""
+    from guessgrad.config import TrainConfig
+    from guessgrad.experiments.paper import TABLE3_EXPERIMENT
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--method", "w-perp", "--width", "8", "--epochs", "1", "--quiet"]) == 0
+    (task,) = [
+        t
+        for t in runner.plan(TABLE3_EXPERIMENT, seeds=[0], epochs=1, device="cpu")
+        if t.config.method == "w-perp" and t.config.width == 64
+    ]
+    wanted = TrainConfig(**{**task.config.to_dict(), "width": 8}).slug()
+    assert sorted(p.name for p in (tmp_path / "results" / "runs").iterdir()) == [wanted]
+    assert wanted.startswith("w-perp-k10-solversubspace-w8")
+    argv = ["train", "--method", "w-perp", "--k", "3", "--width", "8", "--epochs", "1", "--quiet"]
+    assert main(argv) == 0
+    assert (tmp_path / "results" / "runs" / "w-perp-k3-solversubspace-w8-d3-e1-s0").is_dir()
+
+
 def test_train_reads_a_finished_run_in_a_read_only_folder(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:

@@ -112,9 +112,11 @@ def _notes(config: TrainConfig, examples: int) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..curves import draw_curves, read_metrics
     from ..data import mnist1d
+    from ..experiments.paper import default_options
     from ..training import RunDirectoryConflict, TrainingDiverged, train
 
-    options = estimator_options(args)
+    # unset options as the experiments set them, so that both name (and reuse) one run
+    options = {**default_options(args.method), **estimator_options(args)}
     check_estimator(args.method, options)
     config = make_config(
         method=args.method,
@@ -131,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     out = args.out if args.out is not None else Path("results") / "runs" / config.slug()
     # a finished run is only read: its folder may be read-only (a shared store)
-    already = (out / "final.json").is_file()
+    try:
+        already = (out / "final.json").is_file()
+    except OSError:  # a name too long, say: output_dir says so in one line
+        already = False
     if not already:
         out = output_dir(out)
     data = mnist1d()

@@ -29,6 +29,8 @@ Choices the paper leaves open, made here and repeated in every table's notes:
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..estimators import make_estimator
 from .spec import (
     Cell,
@@ -54,6 +56,7 @@ __all__ = [
     "DIAG_BATCH",
     "DIAG_SAMPLES",
     "W_PERP_SOLVER",
+    "default_options",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -146,6 +149,21 @@ W_PERP_SVD = method("W̃⊥ (k=10, SVD)", "w-perp", cost=300, k=10, solver="svd"
 W_PERP_BOTTOM = method("W̃⊥-bottom", "w-perp-bottom", cost=560, k=10, solver="svd")
 W_PERP_NS = method("W̃⊥-NS", "w-perp-ns", cost=600)
 W_PRECOND = method("W̃P", "w-precond", cost=3, sigma=1e-5)
+
+#: each registry name as the experiments run it by default (its options name run directories)
+_DEFAULT_METHODS = {
+    m.name: m
+    for m in (BACKPROP, WEIGHT_PERT, ACT_PERT, W_T, W_PERP, W_PERP_BOTTOM, W_PERP_NS, W_PRECOND)
+}
+
+
+def default_options(name: str) -> dict[str, Any]:
+    """The options the experiments give the registry method ``name`` where the paper names no
+    other (W̃⊥: k = 10 and the fast solver; W̃P: σ = 1e-5), so that ``guessgrad train`` without
+    them names its run as the experiments do and each reuses the other's runs."""
+    found = _DEFAULT_METHODS.get(name)
+    return found.kwargs if found is not None else {}
+
 
 #: the exact-SVD twin of a probe, for the statistics of W̃⊥ (the paper's construction)
 _EXACT_PROBE: dict[Method, Method] = {W_PERP: method("W̃⊥ (k=10)", "w-perp", k=10, solver="svd")}
