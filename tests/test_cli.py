@@ -449,3 +449,44 @@ def test_train_notes_settings_that_do_not_mean_what_they_seem(tmp_path: Path, ca
     assert "note: batch size 5000 > 4000 training examples" in err
     assert main([*args[:2], "w-transpose", *args[3:], "--out", str(tmp_path / "b")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "command", "says"),
+    [
+        ("train", ["train"], "interrupted: finished runs are kept"),
+        ("bench", ["bench"], "interrupted."),
+        ("diagnose", ["diagnose"], "interrupted."),
+    ],
+)
+def test_ctrl_c_says_what_is_kept(module, command, says, monkeypatch, capsys) -> None:
+    """Only train and reproduce keep runs to resume; bench and diagnose keep nothing."""
+
+    def interrupted(_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(f"guessgrad.cli.{module}.run", interrupted)
+    assert main(command) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == says if says == "interrupted." else err.startswith(says)
+
+
+def test_output_cut_short_by_the_reader_is_no_traceback() -> None:
+    """``guessgrad report ... | head -1``: the reader closes the pipe; the command stops
+    quietly with SIGPIPE's status instead of a BrokenPipeError traceback."""
+    code = (
+        "import sys, guessgrad.cli.bench as b\n"
+        "def run(args):\n"
+        "    for _ in range(100000): print('x' * 100)\n"
+        "b.run = run\n"
+        "from guessgrad.cli import main\n"
+        "sys.exit(main(['bench']))\n"
+    )
+    done = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -c 10; exit ${{PIPESTATUS[0]}}',
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout == "x" * 10 and done.stderr == "" and done.returncode == 141

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -91,10 +92,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: finished runs are kept; run the same command again to resume.",
-            file=sys.stderr,
-        )
+        resumable = args.command in ("train", "reproduce")  # bench, diagnose, report keep nothing
+        more = ": finished runs are kept; run the same command again to resume" if resumable else ""
+        print(f"\ninterrupted{more}.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as on SIGPIPE
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+        os.close(devnull)
+        return 141
     finally:
         warnings.formatwarning = formatter
