@@ -305,7 +305,14 @@ def test_a_damaged_output_is_not_done(tmp_path: Path) -> None:
 
 def _store_final(root: Path, cell: Cell, seed: int, epochs: int, **values) -> None:
     config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
-    payload = {"config": config.to_dict(), "estimator": "X()", "device": "cpu", **values}
+    payload = {
+        "config": config.to_dict(),
+        "estimator": "X()",
+        "device": "cpu",
+        "steps": 1,
+        "test_accuracy": 0.0,
+        **values,
+    }
     atomic_write_json(RunStore(root).run_dir(config) / "final.json", payload)
 
 
@@ -363,7 +370,7 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     code = {0: ("a" * 40, False), 1: ("a" * 40, False), 2: ("b" * 40, True)}
     for seed, (commit, modified) in code.items():
         values = {"version": "9.9", "git_commit": commit, "git_modified": modified}
-        _store_final(tmp_path, cells[0], seed, 300, train_accuracy=0.3, **values)
+        _store_final(tmp_path, cells[0], seed, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2], epochs=300)
     assert "9.9 aaaaaaa: 2; 9.9 bbbbbbb + modified files: 1." in markdown
     # a run resumed with other code names each version and where it took over
@@ -374,7 +381,7 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
         {**session, "git_commit": "c" * 40, "from_epoch": 67},
     ]
     values = {**sessions[-1], "sessions": sessions}
-    _store_final(tmp_path, cells[0], 3, 300, train_accuracy=0.3, **values)
+    _store_final(tmp_path, cells[0], 3, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2, 3], epochs=300)
     assert "; 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
     # sessions with source digests: a new commit with the same package files is not named
@@ -382,7 +389,7 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     sessions = [{**s, "source_digest": d} for s, d in zip(sessions, digests, strict=True)]
     sessions[1]["git_commit"] = "d" * 40
     values = {**sessions[-1], "sessions": sessions}
-    _store_final(tmp_path, cells[0], 4, 300, train_accuracy=0.3, **values)
+    _store_final(tmp_path, cells[0], 4, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[4], epochs=300)
     assert "9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
     assert "ddddddd" not in markdown
@@ -566,3 +573,22 @@ def test_a_signal_to_the_sweep_stops_its_workers(tmp_path: Path, signame: str) -
     for pid in left:  # never leave a stray worker behind, even when the check fails
         os.kill(int(pid), signal.SIGKILL)
     assert not left
+
+
+@pytest.mark.parametrize("content", ['{"train_acc', "[0.3]", '{"train_accuracy": 0.3}'])
+def test_report_names_a_damaged_final_record_instead_of_calling_the_run_unfinished(
+    tmp_path: Path, content: str
+) -> None:
+    """A final.json cut short, not an object, or without a run's fields is neither a finished
+    run (reproduce fails it with the reason) nor an unfinished one to resume: the report says
+    which file to look at, and warns."""
+    exp = EXPERIMENTS["table3"].restrict((64,))
+    wt = next(c for c in exp.cells if c.col == "W̃ᵀ" and c.section == "")
+    _store_final(tmp_path, wt, 0, 300, train_accuracy=0.30, test_accuracy=0.20)
+    _store_metrics(tmp_path, wt, 1, 300, [0.1, 0.25])
+    damaged = RunStore(tmp_path).run_dir(wt.run.config(width=64, seed=1, epochs=300))
+    (damaged / "final.json").write_text(content)
+    with pytest.warns(UserWarning, match="cannot be read as a finished run's record"):
+        markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    assert "0.300 [1/2]" in markdown and "Unfinished" not in markdown
+    assert str(damaged / "final.json") in markdown

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,7 @@ class CellResult:
 def _read_value(cell: Cell, store: RunStore, seed: int, epochs: int) -> float | None:
     config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
     if cell.probe is None:
-        final = store.read(config)
+        final = store.read(config) if store.final_state(config) == "finished" else None
         value = None if final is None else final.get(cell.quantity)
         return None if value is None else float(value)
     record = store.read(config, cell.probe.file())
@@ -221,7 +222,7 @@ def _run_notes(
             continue
         for seed in seeds:
             config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
-            final = store.read(config)
+            final = store.read(config) if store.final_state(config) == "finished" else None
             if final is None or config.slug() in seen:
                 continue
             seen.add(config.slug())
@@ -328,12 +329,27 @@ def unfinished_runs(
         for seed in seeds:
             config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
             slug = config.slug()
-            if slug in found or store.read(config) is not None:
+            if slug in found or store.final_state(config) != "absent":
                 continue
             records = read_metrics(store.run_dir(config))
             if records:
                 found[slug] = UnfinishedRun(cell.run.label, cell.width, seed, slug, epochs, records)
     return list(found.values())
+
+
+def damaged_runs(
+    experiment: Experiment, store: RunStore, seeds: Sequence[int], epochs: int
+) -> list[Path]:
+    """The experiment's run directories whose ``final.json`` is there but cannot be read as a
+    finished run's record (cut short, edited, another program's)."""
+    found: dict[Path, None] = {}
+    for cell in experiment.cells:
+        if cell.needs_training:
+            for seed in seeds:
+                config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+                if store.final_state(config) == "damaged":
+                    found.setdefault(store.run_dir(config))
+    return list(found)
 
 
 def _code_label(final: dict[str, Any]) -> str:
@@ -636,7 +652,7 @@ def _draw_learning_curves(
             config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
             records = read_metrics(store.run_dir(config))
             # finished runs as in the tables; the others apart, as far as they got
-            (runs if store.read(config) is not None else unfinished).append(records)
+            (runs if store.final_state(config) == "finished" else unfinished).append(records)
         curves[label] = runs
         if any(unfinished):
             curves[f"{label} ({UNFINISHED})"] = unfinished
@@ -675,6 +691,16 @@ def report(
             f"{missing} cell(s) lack some runs or measurements; `guessgrad reproduce "
             f"{experiment.name}` with the same options computes them."
         )
+    damaged = damaged_runs(experiment, store, seeds, epochs)
+    if damaged:
+        text = (
+            f"{len(damaged)} run(s) not in the table: their final.json cannot be read as a "
+            "finished run's record; look at it, or remove it for `guessgrad reproduce` to "
+            "train the run again (from its checkpoint, where there is one): "
+            + ", ".join(str(d / "final.json") for d in damaged)
+        )
+        warnings.warn(text, stacklevel=2)
+        notes.append(text + ".")
     unfinished = unfinished_runs(experiment, store, seeds, epochs)
     if unfinished:
         notes.append(

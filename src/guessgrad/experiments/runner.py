@@ -61,13 +61,27 @@ class RunStore:
         return self.root / "runs" / config.slug()
 
     def read(self, config: TrainConfig, file: str = "final.json") -> dict[str, Any] | None:
-        """The JSON file ``file`` of the run, or ``None`` if absent or unreadable."""
+        """The JSON object in the run's file ``file``, or ``None`` if absent, unreadable or
+        not an object."""
         path = self.run_dir(config) / file
         try:
             with open(path) as f:
-                return json.load(f)
+                record = json.load(f)
         except (OSError, ValueError):
             return None
+        return record if isinstance(record, dict) else None
+
+    def final_state(self, config: TrainConfig) -> Literal["finished", "damaged", "absent"]:
+        """Whether the run's ``final.json`` is a finished run's record, is there but cannot be
+        read as one (damaged, or another program's file), or is absent."""
+        record = self.read(config)
+        if record is not None and all(k in record for k in ("config", *FINAL_FIELDS)):
+            return "finished"
+        try:
+            there = (self.run_dir(config) / "final.json").exists()
+        except OSError:
+            there = False
+        return "damaged" if there else "absent"
 
 
 @dataclass(frozen=True)
@@ -99,10 +113,9 @@ class Task:
     def done(self, store: RunStore) -> bool:
         """Whether the output is there and readable: a damaged one is not done (a damaged or
         foreign ``final.json`` makes training fail with the reason; a probe is measured again)."""
-        record = store.read(self.config, self.output())
-        if self.probe is not None:
-            return record is not None
-        return isinstance(record, dict) and all(k in record for k in ("config", *FINAL_FIELDS))
+        if self.probe is None:
+            return store.final_state(self.config) == "finished"
+        return store.read(self.config, self.output()) is not None
 
     def log_failure(self, store: RunStore, text: str) -> Path:
         """Write ``text`` to the task's :meth:`error_log` and return its path."""
