@@ -76,8 +76,13 @@ def test_bench_cli_json(capsys):
         ]
     )
     assert code == 0
-    records = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    records = json.loads(out)
     assert [r["method"] for r in records] == ["backprop", "w-perp:k=2"]
+    # not a terminal: plain progress lines on stderr, the last one at the end
+    lines = err.splitlines()
+    assert lines and all(line.startswith("bench: ") for line in lines)
+    assert lines[-1].startswith("bench: 8/8 (w-perp:k=2: memory)")
     assert set(records[0]) == {
         "method",
         "solver",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -368,12 +369,19 @@ def main(args: argparse.Namespace) -> int:
         name, options = parse_method(spec)
         make_estimator(name, **options)
     total = bench_units(len(specs), steps=args.steps, warmup=args.warmup)
-    # a bar on a terminal only (tqdm's disable=None), on stderr: stdout keeps the table
+    # a bar on a terminal (tqdm's disable=None), else about twenty plain lines, on stderr:
+    # stdout keeps the table
+    every, start, units = max(1, math.ceil(total / 20)), time.perf_counter(), 0
     with tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=None) as bar:
 
         def advance(what: str) -> None:
+            nonlocal units
             bar.set_postfix_str(what, refresh=False)
             bar.update()
+            units += 1
+            if bar.disable and (units % every == 0 or units == total):
+                elapsed = time.perf_counter() - start
+                print(f"bench: {units}/{total} ({what}), {elapsed:.0f} s", file=sys.stderr)
 
         records = bench_methods(
             specs,
