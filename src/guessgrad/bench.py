@@ -365,6 +365,9 @@ def main(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
     if not specs:
         raise ValueError(f"--methods: expected names like backprop,w-perp, got {args.methods!r}")
+    twice = sorted({s for s in specs if specs.count(s) > 1})
+    if twice:
+        raise ValueError(f"--methods lists {', '.join(twice)} more than once")
     for spec in specs:  # fail on a bad name before timing anything
         name, options = parse_method(spec)
         make_estimator(name, **options)
