@@ -93,6 +93,24 @@ def test_train_names_its_run_as_the_experiments_do(tmp_path: Path, monkeypatch) 
     assert (tmp_path / "results" / "runs" / "w-perp-k3-solversubspace-w8-d3-e1-s0").is_dir()
 
 
+def test_train_still_finds_a_run_stored_with_only_the_options_typed(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Earlier versions stored a run with the options typed on the command line only (none for
+    ``train --method w-perp``): the same command reports it, in --out or in the run store,
+    instead of refusing it as another configuration or training it again."""
+    from guessgrad.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    old = TrainConfig(method="w-perp", width=8, epochs=1, options={}, device="cpu")
+    for out in (tmp_path / "mine", Path("results") / "runs" / old.slug()):
+        training.train(old, out_dir=out)
+        argv = ["train", "--method", "w-perp", "--width", "8", "--epochs", "1"]
+        assert main([*argv, *(["--out", str(out)] if out.name == "mine" else [])]) == 0
+        assert "not trained again" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "results" / "runs").iterdir()) == [old.slug()]
+
+
 def test_train_reads_a_finished_run_in_a_read_only_folder(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
@@ -491,3 +509,14 @@ def test_output_cut_short_by_the_reader_is_no_traceback() -> None:
         text=True,
     )
     assert done.stdout == "x" * 10 and done.stderr == "" and done.returncode == 141
+
+
+def test_a_broken_pipe_with_no_real_stdout_is_no_traceback(monkeypatch) -> None:
+    """Called in-process with stdout replaced by an object without a file descriptor."""
+
+    def broken(_args):
+        raise BrokenPipeError
+
+    monkeypatch.setattr("guessgrad.cli.bench.run", broken)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert main(["bench"]) == 141

@@ -291,6 +291,15 @@ def test_a_damaged_output_is_not_done(tmp_path: Path) -> None:
     assert [o.status for o in run_tasks(tasks, tmp_path)] == ["done"]  # measured again
     assert json.loads(probe_file.read_text())["layers"]
     final = store.run_dir(train_task.config) / "final.json"
+    kept = final.read_text()
+    final.write_text('{"train_accuracy": 0.3}')  # an object, but not a run's record
+    probe_file.unlink()
+    outcomes = run_tasks([probe_task], tmp_path)  # no measurement of an unfinished run
+    assert [o.status for o in outcomes] == ["failed"] and not probe_file.exists()
+    assert (
+        "is not finished" in (store.run_dir(probe_task.config) / probe_task.error_log()).read_text()
+    )
+    final.write_text(kept)
     final.write_text('{"train_acc')
     assert not train_task.done(store)
     outcomes = run_tasks([train_task], tmp_path)
@@ -575,9 +584,17 @@ def test_a_signal_to_the_sweep_stops_its_workers(tmp_path: Path, signame: str) -
     assert not left
 
 
-@pytest.mark.parametrize("content", ['{"train_acc', "[0.3]", '{"train_accuracy": 0.3}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        '{"train_acc',
+        "[0.3]",
+        '{"train_accuracy": 0.3}',
+        '{"config": null, "train_accuracy": 0.3, "test_accuracy": 0.2, "steps": 1}',
+    ],
+)
 def test_report_names_a_damaged_final_record_instead_of_calling_the_run_unfinished(
-    tmp_path: Path, content: str
+    tmp_path: Path, content: str, monkeypatch
 ) -> None:
     """A final.json cut short, not an object, or without a run's fields is neither a finished
     run (reproduce fails it with the reason) nor an unfinished one to resume: the report says
@@ -588,7 +605,15 @@ def test_report_names_a_damaged_final_record_instead_of_calling_the_run_unfinish
     _store_metrics(tmp_path, wt, 1, 300, [0.1, 0.25])
     damaged = RunStore(tmp_path).run_dir(wt.run.config(width=64, seed=1, epochs=300))
     (damaged / "final.json").write_text(content)
+    drawn = {}
+    monkeypatch.setattr(
+        report_module, "draw_curves", lambda panels, path, title: drawn.update(panels) or True
+    )
     with pytest.warns(UserWarning, match="cannot be read as a finished run's record"):
         markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
     assert "0.300 [1/2]" in markdown and "Unfinished" not in markdown
     assert str(damaged / "final.json") in markdown
+    label = report_module._mathtext("W̃ᵀ")
+    assert [len(r) for r in drawn["width 64"][label]] == [0]  # seed 0: no metrics stored
+    assert f"{label} (unfinished)" not in drawn["width 64"]  # seed 1 not drawn as unfinished
+    assert RunStore(tmp_path).final_state(wt.run.config(width=64, seed=1, epochs=300)) == "damaged"

@@ -323,13 +323,15 @@ def test_diagnose_of_a_frozen_layer_reads_no_stale_gradient(model, batch):
     m = copy.deepcopy(model)
     first = guessgrad.linear_layers(m)[0]
     first.requires_grad_(False)
+    wp_cosines = []
     for stale in (None, torch.ones_like(first.weight)):
         first.weight.grad = stale
         cos = [r.cosine for r in guessgrad.diagnose(m, x, y, guessgrad.Backprop(), samples=1)]
         assert math.isnan(cos[0]) and cos[1:] == pytest.approx([1.0] * (len(cos) - 1))
         assert first.weight.grad is stale
-        wp = guessgrad.diagnose(m, x, y, guessgrad.make_estimator("weight-perturbation"))
-        assert abs(wp[0].cosine) < 0.5  # an estimate of the true gradient, not of the stale one
+        wp = guessgrad.make_estimator("weight-perturbation")
+        wp_cosines.append(guessgrad.diagnose(m, x, y, wp, generator=seeded(3))[0].cosine)
+    assert wp_cosines[0] == wp_cosines[1]  # the estimate's, whatever p.grad held
 
 
 def test_diagnose_refuses_inference_mode(model, batch):

@@ -1,13 +1,14 @@
 """Writing result files so that an interruption never leaves a part of one.
 
-Every file a run or a report writes (config, checkpoint, metrics, final record, measurements,
-tables, figures) and the data cache go through :func:`atomic_path`: the content is written to
-a temporary file beside the destination, flushed to disk and renamed onto it (the folder is
-flushed too, so the rename survives a crash of the system), so a reader sees the old file or
-the whole new one.  A write that fails or is interrupted by an exception
-(Ctrl-C included) removes its temporary file; only a process killed by a signal (SIGKILL, or
-SIGTERM to a sweep's worker) can leave one, named ``<name>.<random>.tmp``, which a resumed
-run removes from its folder.
+Every file a run or a report writes (config, checkpoint, final record, measurements, tables,
+figures; not the metrics log, which gets a line appended per epoch and is cut back through
+:func:`atomic_write_text` when a run resumes) and the data cache go through
+:func:`atomic_path`: the content is written to a temporary file beside the destination,
+flushed to disk and renamed onto it (the folder is flushed too, so the rename survives a crash
+of the system), so a reader sees the old file or the whole new one.  A write that fails or is
+interrupted by an exception (Ctrl-C included) removes its temporary file; only a process
+killed by a signal (SIGKILL, or SIGTERM to a sweep's worker) can leave one, named
+``<name>.<random>.tmp``, which a resumed run removes from its folder.
 """
 
 from __future__ import annotations

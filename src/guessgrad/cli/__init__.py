@@ -97,9 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted{more}.", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as on SIGPIPE
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush goes nowhere
-        os.close(devnull)
+        try:  # the interpreter's last flush goes nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO, None)
+            pass
         return 141
     finally:
         warnings.formatwarning = formatter

@@ -9,10 +9,12 @@ here is reused by the experiments and a finished run is not trained again).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ..config import TrainConfig
 from .common import (
@@ -109,29 +111,63 @@ def _notes(config: TrainConfig, examples: int) -> list[str]:
     return notes
 
 
+def _stored_config(out: Path) -> dict[str, Any] | None:
+    # the configuration a run directory holds (config.json, else final.json), if any
+    for name in ("config.json", "final.json"):
+        try:
+            record = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("config"), dict):
+            return record["config"]
+    return None
+
+
+def _stored_or_new(configs: list[TrainConfig], out: Path | None) -> tuple[TrainConfig, Path]:
+    """The first of ``configs`` whose run is stored in its directory (``out``, else its slug
+    in the run store), with that directory; else the first, with its own."""
+
+    def folder(config: TrainConfig) -> Path:
+        return out if out is not None else Path("results") / "runs" / config.slug()
+
+    for config in configs:
+        stored = _stored_config(folder(config))
+        wanted = json.loads(json.dumps(config.to_dict()))  # tuples as JSON has them
+        if stored is not None and all(
+            stored.get(k) == v for k, v in wanted.items() if k != "device"
+        ):
+            return config, folder(config)
+    return configs[0], folder(configs[0])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..curves import draw_curves, read_metrics
     from ..data import mnist1d
     from ..experiments.paper import default_options
     from ..training import RunDirectoryConflict, TrainingDiverged, train
 
-    # unset options as the experiments set them, so that both name (and reuse) one run
-    options = {**default_options(args.method), **estimator_options(args)}
-    check_estimator(args.method, options)
-    config = make_config(
-        method=args.method,
-        width=args.width,
-        depth=args.depth,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        weight_decay=args.weight_decay,
-        seed=args.seed,
-        device=device_name(args.device),
-        options=options,
-    )
+    given = estimator_options(args)
+    check_estimator(args.method, given)
+    device = device_name(args.device)
+    configs = [
+        make_config(
+            method=args.method,
+            width=args.width,
+            depth=args.depth,
+            epochs=args.epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            device=device,
+            options=options,
+        )
+        # unset options as the experiments set them, so that both name (and reuse) one run;
+        # a run stored with only the options typed (earlier versions) is still found
+        for options in ({**default_options(args.method), **given}, given)
+    ]
+    config, out = _stored_or_new(configs, args.out)
     set_threads(args.threads)
-    out = args.out if args.out is not None else Path("results") / "runs" / config.slug()
     # a finished run is only read: its folder may be read-only (a shared store)
     try:
         already = (out / "final.json").is_file()

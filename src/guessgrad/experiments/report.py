@@ -651,8 +651,11 @@ def _draw_learning_curves(
         for seed in seeds:
             config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
             records = read_metrics(store.run_dir(config))
-            # finished runs as in the tables; the others apart, as far as they got
-            (runs if store.final_state(config) == "finished" else unfinished).append(records)
+            # finished runs as in the tables; unfinished ones apart, as far as they got;
+            # damaged ones (named in the notes) not at all
+            state = store.final_state(config)
+            if state != "damaged":
+                (runs if state == "finished" else unfinished).append(records)
         curves[label] = runs
         if any(unfinished):
             curves[f"{label} ({UNFINISHED})"] = unfinished

@@ -35,7 +35,7 @@ import torch
 from ..data import MNIST1D, mnist1d
 from ..estimators import make_estimator
 from ..files import atomic_write_json
-from ..training import FINAL_FIELDS, TrainConfig, train
+from ..training import FINAL_FIELDS, TrainConfig, _has_run_fields, train
 from .measure import diagnostics_record, overlap_record
 from .paper import DIAG_BATCH, DIAG_SAMPLES
 from .spec import Experiment, Method, Probe
@@ -74,8 +74,7 @@ class RunStore:
     def final_state(self, config: TrainConfig) -> Literal["finished", "damaged", "absent"]:
         """Whether the run's ``final.json`` is a finished run's record, is there but cannot be
         read as one (damaged, or another program's file), or is absent."""
-        record = self.read(config)
-        if record is not None and all(k in record for k in ("config", *FINAL_FIELDS)):
+        if _has_run_fields(self.read(config), FINAL_FIELDS):  # as training reads it
             return "finished"
         try:
             there = (self.run_dir(config) / "final.json").exists()
@@ -220,7 +219,7 @@ def execute(task: Task, root: str | Path, on_epoch: Any = None) -> Outcome:
             result = {k: final[k] for k in ("train_accuracy", "test_accuracy", "wall_seconds")}
         else:
             probe = task.probe
-            if probe.when == "final" and store.read(task.config) is None:
+            if probe.when == "final" and store.final_state(task.config) != "finished":
                 raise RuntimeError(f"run {task.config.slug()} is not finished")
             if probe.kind == "overlap":
                 record = overlap_record(task.config, run_dir, probe.when, data, batch=DIAG_BATCH)
