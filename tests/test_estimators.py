@@ -18,6 +18,7 @@ from torch import nn
 import guessgrad
 from guessgrad.estimators import ForwardGradient, register
 from guessgrad.estimators.registry import _REGISTRY
+from guessgrad.metrics import true_gradients
 
 
 def seeded(seed):
@@ -274,7 +275,7 @@ def test_w_perp_k_above_width_and_rank(solver, k, model, batch):
     est = guessgrad.make_estimator("w-perp", k=k, solver=solver)
     est.estimate(copy.deepcopy(model), x, y, generator=seeded(0))
     layers = guessgrad.linear_layers(model)
-    g, _ = guessgrad.metrics.true_gradients(layers, x, y)
+    g, _ = true_gradients(layers, x, y)
     covs = {}
 
     def record(site, guess, state):
@@ -305,18 +306,60 @@ def test_integer_label_dtypes_agree(estimator_case, model, batch):
 
 def test_frozen_parameters_are_left_alone_as_autograd_does(estimator_case, model, batch):
     """A layer with ``requires_grad=False`` gets no ``grad`` (backprop raised before); the other
-    parameters get the same estimate as without the freeze (the forward pass is the same)."""
+    parameters get finite estimates, backprop's the same as without the freeze."""
     x, y = batch
     ref = copy.deepcopy(model)
     estimator_case.make().estimate(ref, x, y, generator=seeded(0))
     m = copy.deepcopy(model)
     frozen = guessgrad.linear_layers(m)[0]
     frozen.requires_grad_(False)
-    estimator_case.make().estimate(m, x, y, generator=seeded(0))
+    est = estimator_case.make()
+    est.estimate(m, x, y, generator=seeded(0))
     assert frozen.weight.grad is None and frozen.bias.grad is None
     for p, q in zip(m.parameters(), ref.parameters()):
         if p.requires_grad:
-            assert torch.equal(p.grad, q.grad)
+            assert bool(torch.isfinite(p.grad).all())
+            if isinstance(est, guessgrad.Backprop):
+                assert torch.equal(p.grad, q.grad)
+
+
+def test_a_frozen_layer_gets_no_guess(forward_case, model, batch):
+    """Its guess would estimate nothing and only add cross-layer noise to d_b: the tangent
+    injected there is zero, its guess is never drawn, and d_b = Σ_i g_i·v_i over the others."""
+    x, y = batch
+    layers = guessgrad.linear_layers(model)
+    layers[1].requires_grad_(False)
+    drawn = []
+    est = forward_case.make()
+    result = est.tangent_pass(
+        layers, x, y, generator=seeded(0), on_site=lambda site, g, s: drawn.append(site.index)
+    )
+    assert 1 not in drawn and drawn == [i for i in range(len(layers)) if i != 1]
+    assert torch.equal(result.injected[1], torch.zeros_like(result.injected[1]))
+    g, _ = true_gradients(layers, x, y)
+    d = sum((gi * v).sum(1) for gi, v in zip(g, result.injected))
+    torch.testing.assert_close(result.d, d, rtol=1e-10, atol=1e-14)
+
+
+def test_weight_perturbation_perturbs_trainable_parameters_only(model, batch):
+    """With every layer but the last frozen, the estimate is (∇L·V) V over the last layer's
+    weight and bias alone: the first two draws of the generator, nothing else."""
+    x, y = batch
+    layers = guessgrad.linear_layers(model)
+    for layer in layers[:-1]:
+        layer.requires_grad_(False)
+    last = layers[-1]
+    guessgrad.make_estimator("weight-perturbation").estimate(model, x, y, generator=seeded(5))
+    gen = seeded(5)
+    v_w = torch.randn(last.weight.shape, generator=gen, dtype=last.weight.dtype)
+    v_b = torch.randn(last.bias.shape, generator=gen, dtype=last.bias.dtype)
+    exact = copy.deepcopy(model)
+    guessgrad.Backprop().estimate(exact, x, y)
+    top = guessgrad.linear_layers(exact)[-1]
+    d = (top.weight.grad * v_w).sum() + (top.bias.grad * v_b).sum()
+    torch.testing.assert_close(last.weight.grad, d * v_w, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(last.bias.grad, d * v_b, rtol=1e-10, atol=1e-14)
+    assert all(layer.weight.grad is None for layer in layers[:-1])
 
 
 def test_caller_tensors_are_not_modified(estimator_case, model, batch):

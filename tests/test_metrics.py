@@ -338,3 +338,19 @@ def test_diagnose_refuses_inference_mode(model, batch):
     x, y = batch
     with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.inference_mode"):
         guessgrad.diagnose(model, x, y, guessgrad.make_estimator("w-transpose"))
+
+
+def test_diagnose_of_a_frozen_layer_drops_its_cross_layer_noise(model, batch):
+    """A frozen layer gets no guess (C = 0): the next layer's bias is unchanged, its exact
+    variance smaller (no cross-layer term from the frozen layer), and the Monte-Carlo
+    variance agrees with the closed form as before."""
+    x, y = batch
+    est = guessgrad.make_estimator("w-transpose")
+    free = guessgrad.diagnose(model, x, y, est, samples=2000, generator=seeded(0))
+    m = copy.deepcopy(model)
+    guessgrad.linear_layers(m)[0].requires_grad_(False)
+    frozen = guessgrad.diagnose(m, x, y, est, samples=2000, generator=seeded(0))
+    assert frozen[1].bias == pytest.approx(free[1].bias, rel=1e-12)
+    assert frozen[1].variance_exact < free[1].variance_exact
+    for record in (free[1], frozen[1]):
+        assert record.variance == pytest.approx(record.variance_exact, rel=0.1)

@@ -183,6 +183,12 @@ def diagnose(
                     F.cosine_similarity(w_hat.flatten(), w_true[i].flatten(), dim=0)
                 )
         est.state = saved
+        for j, site in enumerate(tp.sites):  # frozen layers get no guess: C_j = 0
+            if j not in covs:
+                n = site.s.shape[1]
+                covs[j] = site.s.new_zeros(site.s.shape[0], n, n)
+                if site.jacobian is not None:
+                    jdense[j] = site.jacobian.dense()
 
         # g_jᵀ C_j g_j for every layer (output layer included): the cross-layer noise
         gcg = [

@@ -4,8 +4,9 @@
 
 computes the batch-mean cross-entropy L of ``model(x)`` against integer labels ``y``, writes
 an estimate of ∂L/∂p into ``p.grad`` for every parameter p that requires grad (replacing,
-never accumulating; frozen parameters, ``requires_grad=False``, are left alone) and returns L
-as a detached 0-d tensor.  Any ``torch.optim`` optimizer then takes the step.
+never accumulating; frozen parameters, ``requires_grad=False``, are left alone: weight
+perturbation does not perturb them, and a layer whose parameters are all frozen gets no guess)
+and returns L as a detached 0-d tensor.  Any ``torch.optim`` optimizer then takes the step.
 """
 
 from __future__ import annotations

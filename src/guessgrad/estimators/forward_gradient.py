@@ -61,9 +61,17 @@ class ForwardGradient(Estimator):
         on_site: Any = None,
     ) -> TangentPass:
         """One forward pass with fresh guesses; ``on_site(site, guess, state)`` is called
-        before each layer's guess is drawn (the metrics use it to read covariances)."""
+        before each layer's guess is drawn (the metrics use it to read covariances).
+
+        A layer whose parameters are all frozen gets no guess (a zero tangent, no
+        ``on_site`` call): its guess would estimate nothing and only add cross-layer noise to
+        the other layers' d_b (the paper trains every layer; this is the same estimator
+        with the frozen layers' terms dropped from d_b)."""
+        frozen = {i for i, layer in enumerate(layers) if not _trainable(layer)}
 
         def inject(site: Site) -> Tensor:
+            if site.index in frozen:
+                return torch.zeros_like(site.s)
             guess = self.guess_for(site)
             state = self.state.setdefault(site.index, {})
             if on_site is not None:
@@ -87,6 +95,10 @@ class ForwardGradient(Estimator):
 
     def options(self) -> dict[str, Any]:
         return {"guess": repr(self.guess), "output_guess": repr(self.output_guess)}
+
+
+def _trainable(layer: nn.Module) -> bool:
+    return any(p.requires_grad for p in layer.parameters())
 
 
 class ActivationPerturbation(ForwardGradient):

@@ -6,7 +6,8 @@ gives d_b, and
 
     est(∂L/∂W_i) = (Σ_b d_b) V_i,    est(∂L/∂b_i) = (Σ_b d_b) v_i.
 
-Unbiased, with variance that grows with the number of weights.
+Unbiased, with variance that grows with the number of weights.  Frozen parameters
+(``requires_grad=False``) are not perturbed, so they add no noise to the others' estimates.
 """
 
 from __future__ import annotations
@@ -33,14 +34,19 @@ class WeightPerturbation(Estimator):
         directions: list[tuple[nn.Parameter, Tensor]] = []
 
         def inject(site: Site) -> Tensor:
+            # frozen parameters are not perturbed: their terms would only add noise to d
             layer = layers[site.index]
-            v_w = gaussian(tuple(layer.weight.shape), layer.weight, generator)
-            directions.append((layer.weight, v_w))
-            v_b = None
-            if layer.bias is not None:
+            v_w = v_b = None
+            if layer.weight.requires_grad:
+                v_w = gaussian(tuple(layer.weight.shape), layer.weight, generator)
+                directions.append((layer.weight, v_w))
+            if layer.bias is not None and layer.bias.requires_grad:
                 v_b = gaussian(tuple(layer.bias.shape), layer.bias, generator)
                 directions.append((layer.bias, v_b))
-            return F.linear(site.x, v_w, v_b)  # (B, d_{i+1}) = V_i x_i + v_i
+            if v_w is not None:
+                return F.linear(site.x, v_w, v_b)  # (B, d_{i+1}) = V_i x_i + v_i
+            out = torch.zeros_like(site.s)
+            return out if v_b is None else out.add_(v_b)
 
         result = tangent_forward(layers, x, y, inject)
         total = result.d.sum()
