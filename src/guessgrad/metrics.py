@@ -42,7 +42,8 @@ __all__ = ["LayerDiagnostics", "diagnose", "true_gradients", "overlap", "subspac
 @dataclass(frozen=True)
 class LayerDiagnostics:
     """One hidden layer's statistics; ``None`` where the estimator has no guess covariance.
-    ``cosine`` is NaN for a frozen layer that the estimator does not estimate (backprop)."""
+    ``cosine`` is NaN for a frozen layer that the estimator does not estimate (backprop,
+    weight perturbation)."""
 
     layer: int
     width: int
