@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .estimators.base import Estimator, check_batch, check_not_inference_mode
+from .estimators.base import Estimator, prepare_batch
 from .estimators.forward_gradient import ForwardGradient
 from .guesses import Guess, Site, WPerpGuess
-from .models import linear_layers
 from .solvers.svd import top_right_singular
 
 __all__ = ["LayerDiagnostics", "diagnose", "true_gradients", "overlap", "subspace_fidelity"]
@@ -137,18 +136,13 @@ def diagnose(
     Every draw starts from the estimator's current state (a copy): diagnosing does not
     advance warm starts or counters, and all draws share one covariance per example.
     """
-    check_not_inference_mode("diagnose")
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got samples={samples!r}")
     if k is not None:
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got k={k!r}")
         k = int(k)
-    layers = linear_layers(model)
-    check_batch(layers, x, y)
-    if x.is_inference() or y.is_inference():  # made under inference mode: autograd cannot
-        x, y = x.clone(), y.clone()  # save them
-    y = y.long()  # any integer labels: cross-entropy and label indexing need int64
+    layers, x, y = prepare_batch(model, x, y, "diagnose")
     g_true, w_true = true_gradients(layers, x, y)
     hidden = range(len(layers) - 1)
     if k is None:

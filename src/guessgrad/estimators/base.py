@@ -19,18 +19,30 @@ from torch import Tensor, nn
 
 from ..models import linear_layers
 
-__all__ = ["Estimator", "check_batch", "check_not_inference_mode"]
+__all__ = ["Estimator", "check_batch", "prepare_batch"]
 
 
-def check_not_inference_mode(what: str) -> None:
-    """Refuse ``torch.inference_mode()``: gradients made there are inference tensors, which an
-    optimizer (or ``clip_grad_norm_``, ``zero_grad``) cannot update in place afterwards, and
-    autograd (``Backprop``) does not run there."""
+def prepare_batch(
+    model: nn.Module, x: Tensor, y: Tensor, what: str
+) -> tuple[list[nn.Linear], Tensor, Tensor]:
+    """The model's layers and the batch as the estimators and metrics use them: validated
+    (:func:`~guessgrad.models.linear_layers`, :func:`check_batch`), ``x`` a normal tensor and
+    ``y`` int64 (cross-entropy and label indexing need it).
+
+    ``torch.inference_mode()`` is refused (``what`` names the caller): gradients made there are
+    inference tensors, which an optimizer (or ``clip_grad_norm_``, ``zero_grad``) cannot update
+    in place afterwards, and autograd (``Backprop``) does not run there.  Tensors made under
+    it and used outside it are copied, since autograd cannot save them."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             f"{what} cannot run under torch.inference_mode(): its gradients would be inference "
             "tensors that an optimizer cannot update; use torch.no_grad() instead"
         )
+    layers = linear_layers(model)
+    check_batch(layers, x, y)
+    if x.is_inference() or y.is_inference():
+        x, y = x.clone(), y.clone()
+    return layers, x, y.long()
 
 
 def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
@@ -89,12 +101,7 @@ class Estimator(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Write gradient estimates into ``p.grad`` and return the loss (detached, 0-d)."""
-        check_not_inference_mode("estimate")
-        layers = linear_layers(model)
-        check_batch(layers, x, y)
-        if x.is_inference() or y.is_inference():  # made under inference mode: autograd cannot
-            x, y = x.clone(), y.clone()  # save them
-        y = y.long()  # any integer labels: cross-entropy and label indexing need int64
+        layers, x, y = prepare_batch(model, x, y, "estimate")
         with torch.no_grad():
             loss, grads = self._estimate(layers, x, y, generator)
         for param, grad in grads:

@@ -121,7 +121,7 @@ class CellResult:
 def _read_value(cell: Cell, store: RunStore, seed: int, epochs: int) -> float | None:
     config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
     if cell.probe is None:
-        final = store.read(config) if store.final_state(config) == "finished" else None
+        final = store.finished(config)
         value = None if final is None else final.get(cell.quantity)
         return None if value is None else float(value)
     record = store.read(config, cell.probe.file())
@@ -222,7 +222,7 @@ def _run_notes(
             continue
         for seed in seeds:
             config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
-            final = store.read(config) if store.final_state(config) == "finished" else None
+            final = store.finished(config)
             if final is None or config.slug() in seen:
                 continue
             seen.add(config.slug())

@@ -71,10 +71,15 @@ class RunStore:
             return None
         return record if isinstance(record, dict) else None
 
+    def finished(self, config: TrainConfig) -> dict[str, Any] | None:
+        """The run's ``final.json`` if it is a finished run's record (as training reads it)."""
+        record = self.read(config)
+        return record if _has_run_fields(record, FINAL_FIELDS) else None
+
     def final_state(self, config: TrainConfig) -> Literal["finished", "damaged", "absent"]:
         """Whether the run's ``final.json`` is a finished run's record, is there but cannot be
         read as one (damaged, or another program's file), or is absent."""
-        if _has_run_fields(self.read(config), FINAL_FIELDS):  # as training reads it
+        if self.finished(config) is not None:
             return "finished"
         try:
             there = (self.run_dir(config) / "final.json").exists()
