@@ -23,7 +23,7 @@ from guessgrad.experiments import (
     run_tasks,
     unavailable_methods,
 )
-from guessgrad.experiments.measure import overlap_curve
+from guessgrad.experiments.measure import overlap_curve, weights_digest
 from guessgrad.experiments.paper import TABLE2, TABLE3, TABLE4, W_PERP, W_PERP_NS
 from guessgrad.files import atomic_write_json
 from guessgrad.metrics import overlap
@@ -258,6 +258,40 @@ def test_probe_tasks_write_measurements(tmp_path: Path) -> None:
     _, bias, rank = (cell.strip() for cell in row.strip("|").split("|"))
     assert float(bias) == pytest.approx(diag["layers"][0]["bias"], rel=5e-3)
     assert float(rank) == pytest.approx(ov["layers"][1]["rank_mean"], abs=0.05)
+
+
+def test_a_measurement_of_replaced_final_weights_is_stale(tmp_path: Path) -> None:
+    """A run trained again (its ``final.json`` deleted) gets new weights: its old final-weight
+    measurement is neither shown nor counted as done, and is measured again."""
+    wt = method("W̃ᵀ", "w-transpose")
+    cells = (
+        Cell("8", "rank", wt, 8, "rank_mean", probe=Probe("overlap", "final", 1)),
+        Cell("8", "bias", wt, 8, "bias", probe=Probe("diagnose", "init", 0, estimator=wt)),
+    )
+    exp = Experiment(name="stale", title="stale", cells=cells, seeds=1, epochs=1)
+    tasks = plan(exp, seeds=[0], epochs=1)
+    assert {o.status for o in run_tasks(tasks, tmp_path)} == {"done"}
+    store = RunStore(tmp_path)
+    final_probe = next(t for t in tasks if t.probe is not None and t.probe.when == "final")
+    init_probe = next(t for t in tasks if t.probe is not None and t.probe.when == "init")
+    run_dir = store.run_dir(final_probe.config)
+    record = json.loads((run_dir / final_probe.output()).read_text())
+    assert record["weights_sha256"] == weights_digest(run_dir)
+    assert "weights_sha256" not in json.loads((run_dir / init_probe.output()).read_text())
+    # the run trained again to other weights (here: the same weights, perturbed)
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    torch.save({k: v + 0.5 for k, v in state.items()}, run_dir / "model.pt")
+    assert not final_probe.done(store) and init_probe.done(store)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=1)
+    assert "| 8 | — | " in markdown and "1 cell(s) lack some runs or measurements" in markdown
+    outcomes = run_tasks(tasks, tmp_path)  # only the stale measurement is redone
+    assert [(o.task.label(), o.status) for o in outcomes] == [(final_probe.label(), "done")]
+    new = json.loads((run_dir / final_probe.output()).read_text())
+    assert new["weights_sha256"] == weights_digest(run_dir) != record["weights_sha256"]
+    # a record without the field (an older version's) is taken as it is
+    del new["weights_sha256"]
+    (run_dir / final_probe.output()).write_text(json.dumps(new))
+    assert final_probe.done(store)
 
 
 def test_a_failed_run_keeps_its_traceback_beside_its_probes_failures(tmp_path: Path) -> None:

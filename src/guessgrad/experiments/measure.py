@@ -2,7 +2,9 @@
 
 Both are taken on a fixed batch, the first ``batch`` training examples, at the run's initial
 weights (``when="init"``, rebuilt from the seed: no training needed) or at its final weights
-(``when="final"``, ``model.pt`` of a finished run).
+(``when="final"``, ``model.pt`` of a finished run).  A measurement at the final weights records
+the SHA-256 of the ``model.pt`` it read (``weights_sha256``), so that one taken before the run
+was trained again is recognised as stale (:meth:`.runner.RunStore.probe_record`).
 
 Overlap (paper Eq. 19) for every k at once: with the reduced SVD W̃_b = U Λ Vᵀ (singular
 values in decreasing order, r = min(m, n) of them) and c_b = Vᵀ g_b,
@@ -14,6 +16,7 @@ over the examples with g_b ≠ 0: one SVD per example instead of one per k.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ from ..solvers.svd import numerical_rank
 from ..training import TrainConfig, initial_model
 from .spec import Method
 
-__all__ = ["run_weights", "overlap_curve", "diagnostics_record", "overlap_record"]
+__all__ = ["run_weights", "weights_digest", "overlap_curve", "diagnostics_record", "overlap_record"]
 
 #: offset of the diagnostics generator's seed from the run's seed
 _DIAG_SEED_OFFSET = 4_000_037
@@ -45,6 +48,14 @@ def run_weights(config: TrainConfig, run_dir: Path, when: str, data: MNIST1D) ->
         state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     return model.to(config.device)
+
+
+def weights_digest(run_dir: Path) -> str | None:
+    """SHA-256 (hex) of the run's final weights file ``model.pt``, ``None`` if it has none."""
+    try:
+        return hashlib.sha256((Path(run_dir) / "model.pt").read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
 
 
 def overlap_curve(w: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,10 +82,12 @@ def _batch(data: MNIST1D, size: int) -> tuple[Tensor, Tensor]:
     return data.x_train[:size], data.y_train[:size]
 
 
-def _provenance(config: TrainConfig, when: str, batch: int) -> dict[str, Any]:
+def _provenance(config: TrainConfig, run_dir: Path, when: str, batch: int) -> dict[str, Any]:
+    weights = {"weights_sha256": weights_digest(run_dir)} if when == "final" else {}
     return {
         "config": config.to_dict(),
         "when": when,
+        **weights,
         "batch": {"split": "train", "first": batch},
         "version": __version__,
     }
@@ -102,7 +115,7 @@ def diagnostics_record(
     gen = torch.Generator(device=device).manual_seed(config.seed + _DIAG_SEED_OFFSET)
     records = diagnose(model, x, y, est, samples=samples, generator=gen)
     return {
-        **_provenance(config, when, batch),
+        **_provenance(config, run_dir, when, batch),
         "estimator": repr(est),
         "method": estimator.name,
         "options": estimator.kwargs,
@@ -152,4 +165,4 @@ def overlap_record(
                 "rank_max": int(rank.max()),
             }
         )
-    return {**_provenance(config, when, batch), "layers": out}
+    return {**_provenance(config, run_dir, when, batch), "layers": out}

@@ -124,7 +124,7 @@ def _read_value(cell: Cell, store: RunStore, seed: int, epochs: int) -> float | 
         final = store.finished(config)
         value = None if final is None else final.get(cell.quantity)
         return None if value is None else float(value)
-    record = store.read(config, cell.probe.file())
+    record = store.probe_record(config, cell.probe)
     if record is None or cell.probe.layer >= len(record.get("layers", [])):
         return None
     layer = record["layers"][cell.probe.layer]

@@ -36,7 +36,7 @@ from ..data import MNIST1D, mnist1d
 from ..estimators import make_estimator
 from ..files import atomic_write_json
 from ..training import FINAL_FIELDS, TrainConfig, _has_run_fields, train
-from .measure import diagnostics_record, overlap_record
+from .measure import diagnostics_record, overlap_record, weights_digest
 from .paper import DIAG_BATCH, DIAG_SAMPLES
 from .spec import Experiment, Method, Probe
 
@@ -75,6 +75,17 @@ class RunStore:
         """The run's ``final.json`` if it is a finished run's record (as training reads it)."""
         record = self.read(config)
         return record if _has_run_fields(record, FINAL_FIELDS) else None
+
+    def probe_record(self, config: TrainConfig, probe: Probe) -> dict[str, Any] | None:
+        """The probe's measurement of the run, or ``None`` if absent, unreadable or stale: a
+        measurement at the final weights whose ``weights_sha256`` is not that of the run's
+        ``model.pt`` now was taken on weights the run no longer has (it was trained again).
+        Records without the field (written before it existed, or by hand) are taken as they
+        are."""
+        record = self.read(config, probe.file())
+        if record is None or probe.when != "final" or "weights_sha256" not in record:
+            return record
+        return record if record["weights_sha256"] == weights_digest(self.run_dir(config)) else None
 
     def final_state(self, config: TrainConfig) -> Literal["finished", "damaged", "absent"]:
         """Whether the run's ``final.json`` is a finished run's record, is there but cannot be
@@ -116,10 +127,11 @@ class Task:
 
     def done(self, store: RunStore) -> bool:
         """Whether the output is there and readable: a damaged one is not done (a damaged or
-        foreign ``final.json`` makes training fail with the reason; a probe is measured again)."""
+        foreign ``final.json`` makes training fail with the reason; a probe is measured again,
+        as is one taken on final weights the run has since replaced)."""
         if self.probe is None:
             return store.final_state(self.config) == "finished"
-        return store.read(self.config, self.output()) is not None
+        return store.probe_record(self.config, self.probe) is not None
 
     def log_failure(self, store: RunStore, text: str) -> Path:
         """Write ``text`` to the task's :meth:`error_log` and return its path."""
