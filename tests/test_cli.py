@@ -363,10 +363,12 @@ def test_diagnose_prints_one_row_per_hidden_layer(tmp_path: Path, capsys) -> Non
     assert main([*argv, "--samples", "2", "--device", "cpu"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + 3  # header and three hidden layers
+    assert [r.split("|")[1].strip() for r in rows] == ["hidden layer", "1", "2", "3"]
     assert _train(tmp_path / "run", "--quiet") == 0
     assert main([*argv, "--samples", "2", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["estimator"] == "WTranspose()" and len(record["layers"]) == 3
+    assert [r["layer"] for r in record["layers"]] == [0, 1, 2]  # the library's index
 
 
 def test_diagnose_takes_the_shape_from_the_weights(tmp_path: Path, capsys) -> None:

@@ -42,7 +42,8 @@ __all__ = ["LayerDiagnostics", "diagnose", "true_gradients", "overlap", "subspac
 class LayerDiagnostics:
     """One hidden layer's statistics; ``None`` where the estimator has no guess covariance.
     ``cosine`` is NaN for a frozen layer that the estimator does not estimate (backprop,
-    weight perturbation)."""
+    weight perturbation).  ``layer`` is the index of the hidden layer from 0 (the first hidden
+    layer, the paper's "layer 1", is 0)."""
 
     layer: int
     width: int

@@ -67,7 +67,11 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap-k", type=positive_int, help="k of the overlap (default: k or 10)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table (its 'layer' counts from 0, the table's from 1)",
+    )
     p.set_defaults(func=run)
 
 
@@ -173,7 +177,15 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"estimator": repr(est), "layers": [r.as_dict() for r in records]}))
         return 0
     print(f"{est!r}, width {width}, {x.shape[0]} examples, {args.samples} guesses each")
-    head = ("layer", "bias", "variance", "variance (exact)", "cov. norm", "overlap", "cosine")
+    head = (
+        "hidden layer",
+        "bias",
+        "variance",
+        "variance (exact)",
+        "cov. norm",
+        "overlap",
+        "cosine",
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in records:
