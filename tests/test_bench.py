@@ -72,6 +72,8 @@ def test_bench_cli_json(capsys):
             "2",
             "--warmup",
             "0",
+            "--threads",
+            "1",
             "--json",
         ]
     )
@@ -93,7 +95,12 @@ def test_bench_cli_json(capsys):
         "step_seconds_iqr",
         "peak_memory_bytes",
         "fidelity",
+        "depth",
+        "threads",
+        "torch",
     }
+    assert (records[0]["depth"], records[0]["threads"]) == (2, 1)
+    assert records[0]["torch"] == torch.__version__
 
 
 def test_layer_fidelities_per_hidden_layer_and_state_untouched():

@@ -161,7 +161,11 @@ def test_train_reads_a_finished_run_in_a_read_only_folder(
         (["reproduce", "table3", "--widths", ","], "--widths: expected widths like 64,128"),
         (["reproduce", "table3", "--seeds", "0"], "(seed 0 alone: 1, or 0,)"),
         (["bench", "--methods", ","], "--methods: expected names like backprop,w-perp"),
-        (["bench", "--methods", "w-perp,backprop,w-perp"], "--methods lists w-perp more than once"),
+        (["bench", "--methods", "w-perp,backprop,w-perp"], "--methods lists w-perp twice"),
+        (
+            ["bench", "--methods", "w-perp:k=2:depth=3,w-perp:depth=3:k=02"],
+            "lists w-perp twice: w-perp:k=2:depth=3 and w-perp:depth=3:k=02",
+        ),
         (["bench", "--width", "abc"], "--width: expected a positive integer, got 'abc'"),
         (["diagnose", "--seed", "-2"], "--seed: expected an integer in [0, 2**62], got '-2'"),
         (["train", "--device", "tpu"], "unknown device 'tpu'"),

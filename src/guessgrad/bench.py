@@ -68,6 +68,10 @@ class BenchRecord:
     step_seconds_iqr: float
     peak_memory_bytes: int | None
     fidelity: float | None
+    #: beyond the issue's keys: what else decides the figures
+    depth: int
+    threads: int
+    torch: str
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -314,6 +318,9 @@ def bench_methods(
                 step_seconds_iqr=q[2] - q[0],
                 peak_memory_bytes=peak,
                 fidelity=fidelity,
+                depth=depth,
+                threads=torch.get_num_threads(),
+                torch=torch.__version__,
             )
         )
     return records
@@ -365,12 +372,14 @@ def main(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
     if not specs:
         raise ValueError(f"--methods: expected names like backprop,w-perp, got {args.methods!r}")
-    twice = sorted({s for s in specs if specs.count(s) > 1})
-    if twice:
-        raise ValueError(f"--methods lists {', '.join(twice)} more than once")
-    for spec in specs:  # fail on a bad name before timing anything
+    seen: dict[tuple[str, str], str] = {}
+    for spec in specs:  # fail on a bad name, or a method listed twice, before timing anything
         name, options = parse_method(spec)
         make_estimator(name, **options)
+        key = (name, repr(sorted(options.items())))  # w-perp:k=2 is w-perp:k=02
+        if key in seen:
+            raise ValueError(f"--methods lists {name} twice: {seen[key]} and {spec}")
+        seen[key] = spec
     total = bench_units(len(specs), steps=args.steps, warmup=args.warmup)
     # a bar on a terminal (tqdm's disable=None), else about twenty plain lines, on stderr:
     # stdout keeps the table
