@@ -418,6 +418,9 @@ def test_a_mistyped_option_is_named_with_the_closest_one() -> None:
         (["reproduce", "table3", "--out=x", "surplus"], "arguments: surplus (see guessgrad rep"),
         (["--bogus", "train"], "guessgrad: error: unrecognized arguments: --bogus (see guessg"),
         (["train", "--", "foo"], "arguments: -- foo (see guessgrad train --help)"),
+        # a misspelt option alone is named as such, not taken for a missing command
+        (["--vers"], "unrecognized arguments: --vers (did you mean --version?)"),
+        ([], "guessgrad: error: the following arguments are required: COMMAND (see guessgrad"),
     ]:
         with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(io.StringIO()) as err:
             build_parser().parse_args(argv)

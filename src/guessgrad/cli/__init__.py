@@ -56,6 +56,10 @@ class _Parser(argparse.ArgumentParser):
                     message += f" (did you mean {close[0]}?)"
                     break
             owner.error(message)
+        if self.commands and getattr(parsed, "command", None) is None:
+            # checked here, after the unknown options: ``guessgrad --vers`` is a misspelt
+            # option (with a suggestion), not a missing command
+            self.error("the following arguments are required: COMMAND")
         return parsed
 
 
@@ -68,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Backpropagation-free training by guessing gradients (W̃⊥ and baselines).",
     )
     parser.add_argument("--version", action="version", version=f"guessgrad {__version__}")
+    # the command is required: parse_args says so once it has reported unknown options
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    sub.required = True
     train.configure_parser(sub)
     reproduce.configure_parsers(sub)
     diagnose.configure_parser(sub)
