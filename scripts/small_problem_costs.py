@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads its BLAS
@@ -24,15 +22,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads its BLA
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from guessgrad.bench import median_seconds  # noqa: E402
+
 
 def per_matrix_us(fn: Callable[[], object], batch: int, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / batch * 1e6
+    return median_seconds(fn, repeat) / batch * 1e6
 
 
 def costs(batch: int, size: int, block: int, repeat: int) -> list[tuple[str, str, float, float]]:

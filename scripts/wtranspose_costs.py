@@ -22,16 +22,11 @@ import time
 import torch
 
 import guessgrad as gg
+from guessgrad.bench import median_seconds
 
 
 def _median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return median_seconds(fn, repeat) * 1e3
 
 
 def draws(width: int) -> dict[str, float]:

@@ -53,6 +53,7 @@ __all__ = [
     "bench_method",
     "bench_methods",
     "layer_fidelities",
+    "median_seconds",
     "main",
 ]
 
@@ -72,6 +73,18 @@ class BenchRecord:
     depth: int
     threads: int
     torch: str
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall time of ``repeat`` calls of ``fn`` after one untimed call (no device
+    synchronisation: for CPU code, as in the scripts that time single operations)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
