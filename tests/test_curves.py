@@ -81,3 +81,33 @@ def test_a_curve_that_stops_early_ends_in_a_dot() -> None:
 def test_seed_std_is_the_sample_std_and_nan_for_a_diverged_seed() -> None:
     assert seed_std([1.0, 3.0]) == pytest.approx(statistics.stdev([1.0, 3.0])) == 2**0.5
     assert all(seed_std([1.0, bad]) != seed_std([1.0, bad]) for bad in (float("nan"), float("inf")))
+
+
+def test_given_colours_are_kept_and_faded_curves_drawn_pale() -> None:
+    """The report fixes each method's colour (the same in all its figures) and draws
+    unfinished runs in their method's colour, pale; panels share their y axes."""
+    runs = [_records([0.1, 0.2])]
+    panels = [("w 8", {"a": runs, "b": runs, "b (unfinished)": runs}), ("w 16", {"a": runs})]
+    fig = curves_figure(
+        panels, "title", colors={"b": "C0", "b (unfinished)": "C0"}, faded={"b (unfinished)"}
+    )
+    assert fig is not None
+    top_8, top_16, bottom_8, _ = fig.axes
+    # "a" takes the first colour that no fixed label has
+    assert [ln.get_color() for ln in top_8.lines] == ["C1", "C1", "C0", "C0", "C0", "C0"]
+    assert [ln.get_alpha() for ln in top_8.lines] == [None, None, None, None, 0.5, 0.5]
+    assert top_8.get_shared_y_axes().joined(top_8, top_16)
+    assert not bottom_8.get_shared_y_axes().joined(bottom_8, top_8)
+
+
+def test_a_diverged_curve_ends_in_a_cross_and_says_so() -> None:
+    good = _records([0.1, 0.2, 0.3])
+    bad = _records([0.1, 0.2, 0.3])
+    bad[2]["train_loss"] = float("nan")
+    fig = curves_figure([("w 8", {"ok": [good], "bad": [good, bad]})], "title")
+    assert fig is not None
+    bottom = fig.axes[1]
+    crosses = [ln for ln in bottom.lines if ln.get_marker() == "x"]
+    assert [(ln.get_color(), list(ln.get_xdata())) for ln in crosses] == [("C1", [2])]
+    legend = fig.axes[-1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["ok", "bad (diverged)"]

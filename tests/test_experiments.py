@@ -283,7 +283,8 @@ def test_a_measurement_of_replaced_final_weights_is_stale(tmp_path: Path) -> Non
     torch.save({k: v + 0.5 for k, v in state.items()}, run_dir / "model.pt")
     assert not final_probe.done(store) and init_probe.done(store)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=1)
-    assert "| 8 | — | " in markdown and "1 cell(s) lack some runs or measurements" in markdown
+    assert "| 8 | — | " in markdown
+    assert "Not computed yet: overlap-final at width 8, W̃ᵀ run (seed 0)." in markdown
     outcomes = run_tasks(tasks, tmp_path)  # only the stale measurement is redone
     assert [(o.task.label(), o.status) for o in outcomes] == [(final_probe.label(), "done")]
     new = json.loads((run_dir / final_probe.output()).read_text())
@@ -415,7 +416,10 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
         values = {"version": "9.9", "git_commit": commit, "git_modified": modified}
         _store_final(tmp_path, cells[0], seed, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2], epochs=300)
-    assert "9.9 aaaaaaa: 2; 9.9 bbbbbbb + modified files: 1." in markdown
+    assert (
+        "2 run(s) with guessgrad 9.9 aaaaaaa; 1 run(s) with guessgrad 9.9 bbbbbbb + modified files."
+        in markdown
+    )
     # a run resumed with other code names each version and where it took over
     session = {"version": "9.9", "git_commit": "a" * 40, "git_modified": False}
     sessions = [
@@ -426,7 +430,7 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     values = {**sessions[-1], "sessions": sessions}
     _store_final(tmp_path, cells[0], 3, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2, 3], epochs=300)
-    assert "; 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
+    assert "; 1 run(s) with guessgrad 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67)." in markdown
     # sessions with source digests: a new commit with the same package files is not named
     digests = ("s1", "s1", "s2")
     sessions = [{**s, "source_digest": d} for s, d in zip(sessions, digests, strict=True)]
@@ -434,7 +438,7 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     values = {**sessions[-1], "sessions": sessions}
     _store_final(tmp_path, cells[0], 4, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[4], epochs=300)
-    assert "9.9 aaaaaaa → 9.9 ccccccc (from epoch 67): 1." in markdown
+    assert "1 run(s) with guessgrad 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67)." in markdown
     assert "ddddddd" not in markdown
 
 
@@ -490,10 +494,13 @@ def test_report_lists_and_draws_unfinished_runs_apart(tmp_path: Path, monkeypatc
     _store_final(tmp_path, wt, 0, 300, train_accuracy=0.30, test_accuracy=0.20)
     _store_metrics(tmp_path, wt, 0, 300, [0.1, 0.2, 0.3])
     _store_metrics(tmp_path, wt, 1, 300, [0.1, 0.25])  # seed 1: stopped after epoch 2
-    drawn = {}
-    monkeypatch.setattr(
-        report_module, "draw_curves", lambda panels, path, title: drawn.update(panels) or True
-    )
+    drawn, styles = {}, {}
+
+    def draw(panels, path, title, *, colors, faded):  # noqa: ANN001, ANN202
+        styles.update(colors=colors, faded=faded)
+        return drawn.update(panels) or True
+
+    monkeypatch.setattr(report_module, "draw_curves", draw)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
     assert "0.300 [1/2]" in markdown  # the table: the finished run only
     assert (
@@ -510,6 +517,9 @@ def test_report_lists_and_draws_unfinished_runs_apart(tmp_path: Path, monkeypatc
     label = report_module._mathtext("W̃ᵀ")
     assert [len(r) for r in curves[label]] == [3]
     assert [len(r) for r in curves[f"{label} (unfinished)"]] == [2]
+    # in the method's colour, faded
+    assert styles["colors"][f"{label} (unfinished)"] == styles["colors"][label]
+    assert styles["faded"] == {f"{label} (unfinished)"}
     # once it finishes it joins the others and the note goes
     _store_final(tmp_path, wt, 1, 300, train_accuracy=0.32, test_accuracy=0.22)
     drawn.clear()
@@ -641,7 +651,7 @@ def test_report_names_a_damaged_final_record_instead_of_calling_the_run_unfinish
     (damaged / "final.json").write_text(content)
     drawn = {}
     monkeypatch.setattr(
-        report_module, "draw_curves", lambda panels, path, title: drawn.update(panels) or True
+        report_module, "draw_curves", lambda panels, path, title, **_: drawn.update(panels) or True
     )
     with pytest.warns(UserWarning, match="cannot be read as a finished run's record"):
         markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
@@ -651,3 +661,54 @@ def test_report_names_a_damaged_final_record_instead_of_calling_the_run_unfinish
     assert [len(r) for r in drawn["width 64"][label]] == [0]  # seed 0: no metrics stored
     assert f"{label} (unfinished)" not in drawn["width 64"]  # seed 1 not drawn as unfinished
     assert RunStore(tmp_path).final_state(wt.run.config(width=64, seed=1, epochs=300)) == "damaged"
+
+
+def test_a_method_has_one_colour_in_every_report_of_an_experiment() -> None:
+    """Colours follow the full experiment's method order, whatever a preset keeps."""
+    full = EXPERIMENTS["table3"].colors()
+    assert list(full) == ["weight pert.", "act. pert.", "W̃ᵀ", "W̃⊥ (k=10)", "backprop"]
+    narrowed = EXPERIMENTS["table3"].restrict((64,)).only_methods(("backprop",))
+    assert narrowed.colors()["backprop"] == full["backprop"] == "C4"
+    assert EXPERIMENTS["fig2"].colors() == full  # Fig. 2 and Table 3 draw the same runs
+
+
+def test_report_names_what_is_missing_and_warns_of_other_epochs(tmp_path: Path) -> None:
+    exp = EXPERIMENTS["table3"].restrict((64,)).only_methods(("backprop", "w-transpose"))
+    bp = next(c for c in exp.cells if c.col == "backprop" and c.section == "")
+    _store_final(tmp_path, bp, 0, 300, train_accuracy=0.5, test_accuracy=0.4)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    # train and test cells of one run count once; each run with the seeds it lacks
+    assert "Not computed yet: W̃ᵀ at width 64 (seeds 0, 1); backprop at width 64 (seed 1)." in (
+        markdown
+    )
+    assert "not comparable" not in markdown
+    _store_final(tmp_path, bp, 0, 4, train_accuracy=0.2, test_accuracy=0.1)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=4)
+    assert "These runs trained 4 epochs, the paper's 300: its accuracies" in markdown
+
+
+def test_table4_draws_a_published_point_shared_by_two_rows_once(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """W̃⊥ by the exact SVD and by the fast solver carry the same published value: one
+    hollow marker, in the first (SVD) row's colour."""
+    exp = EXPERIMENTS["table4"].restrict((128,))
+    for cell in exp.cells:
+        if cell.section == "" and cell.quantity == "train_accuracy":
+            _store_final(tmp_path, cell, 0, 300, train_accuracy=0.3, wall_seconds=60.0)
+    figures = []
+    monkeypatch.setattr(
+        "matplotlib.figure.Figure.savefig", lambda fig, *a, **k: figures.append(fig)
+    )
+    report(exp, tmp_path, tmp_path, seeds=[0], epochs=300)
+    (tradeoff,) = [f for f in figures if "against time" in f._suptitle.get_text()]
+    ax = tradeoff.axes[0]
+    hollow = [ln for ln in ax.lines if ln.get_markerfacecolor() == "none" and len(ln.get_xdata())]
+    points = [(ln.get_xdata()[0], ln.get_ydata()[0]) for ln in hollow]
+    assert len(points) == len(set(points)) == 3  # W̃⊥-NS, W̃⊥, W̃ᵀ
+    colors = exp.colors()
+    svd = next(
+        c for c in exp.cells if c.run.label == "W̃⊥ (k=10, SVD)" and c.quantity == "train_accuracy"
+    )
+    wperp = next(ln for ln in hollow if ln.get_ydata()[0] == svd.paper)
+    assert wperp.get_color() == colors["W̃⊥ (k=10, SVD)"]

@@ -4,9 +4,12 @@ A figure is a grid with one column per panel (for an experiment: one hidden widt
 rows: train (solid) and test (dashed) accuracy after each epoch on top, the epoch's mean train
 loss below (the legend, one entry per method, sits in the last loss panel).
 Each curve is one method, the mean over its seeds with a band of ± one sample standard
-deviation where there are several; seeds whose runs stopped at different epochs are drawn up
-to the last epoch they all reached, and a curve that stops before the others in its panel
-ends in a dot.
+deviation where there are several (train accuracy and loss; the test curves get none, which
+would hide the others); seeds whose runs stopped at different epochs are drawn up to the last
+epoch they all reached, and a curve that stops before the others in its panel ends in a dot.
+A curve whose loss stops being finite (a diverged seed) ends in a cross at its last finite
+point, and its legend entry says "diverged".  Panels share their y axes, so that widths
+compare at a glance.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,11 +70,16 @@ def draw_curves(
     panels: Sequence[tuple[str, Mapping[str, Sequence[Records]]]],
     path: str | Path,
     title: str,
+    *,
+    colors: Mapping[str, str] | None = None,
+    faded: Collection[str] = (),
 ) -> bool:
     """Draw ``panels`` — ``(panel title, {curve label: [one run's records per seed]})`` — into
     ``path`` (PNG).  Returns ``False``, drawing nothing, when no panel has a run with records.
+    ``colors`` fixes labels' colours (the others take the next free ones); labels in ``faded``
+    are drawn thin and pale (unfinished runs beside the finished ones of their method).
     """
-    fig = curves_figure(panels, title)
+    fig = curves_figure(panels, title, colors=colors, faded=faded)
     if fig is None:
         return False
     with atomic_path(path) as tmp:
@@ -79,8 +87,35 @@ def draw_curves(
     return True
 
 
+def _palette(labels: Sequence[str], fixed: Mapping[str, str]) -> dict[str, str]:
+    """``fixed``'s colours for its labels, the unused ones of ``C0``–``C9`` in turn for the
+    others."""
+    free = [f"C{i}" for i in range(10) if f"C{i}" not in set(fixed.values())] or ["C0"]
+    out, n = {}, 0
+    for label in labels:
+        if label in fixed:
+            out[label] = fixed[label]
+        else:
+            out[label] = free[n % len(free)]
+            n += 1
+    return out
+
+
+def _last_finite(values: Sequence[float]) -> int | None:
+    """Index of the last value before the first non-finite one; ``None`` if all are finite
+    (or the first is not)."""
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            return i - 1 if i > 0 else None
+    return None
+
+
 def curves_figure(
-    panels: Sequence[tuple[str, Mapping[str, Sequence[Records]]]], title: str
+    panels: Sequence[tuple[str, Mapping[str, Sequence[Records]]]],
+    title: str,
+    *,
+    colors: Mapping[str, str] | None = None,
+    faded: Collection[str] = (),
 ) -> Figure | None:
     """The figure :func:`draw_curves` saves (``None`` without records); a label keeps its
     colour in every panel."""
@@ -96,36 +131,50 @@ def curves_figure(
     if not kept:
         return None
     labels = list(dict.fromkeys(label for _, curves in kept for label in curves))
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    palette = _palette(labels, colors or {})
+    diverged: set[str] = set()
     fig = Figure(figsize=(max(6.0, 4.2 * len(kept)), 6.4))
-    axes = fig.subplots(2, len(kept), squeeze=False, sharex="col")
+    axes = fig.subplots(2, len(kept), squeeze=False, sharex="col", sharey="row")
     for col, (name, curves) in enumerate(kept):
         top, bottom = axes[0, col], axes[1, col]
         end = max(int(r[-1]["epoch"]) for runs in curves.values() for r in runs)
         for label, runs in curves.items():
-            color = colors[label]
-            for ax, key, style in (
-                (top, "train_accuracy", "-"),
-                (top, "test_accuracy", "--"),
-                (bottom, "train_loss", "-"),
+            color = palette[label]
+            pale = {"alpha": 0.5, "linewidth": 0.9} if label in faded else {"linewidth": 1.2}
+            for ax, key, style, band in (
+                (top, "train_accuracy", "-", True),
+                (top, "test_accuracy", "--", False),
+                (bottom, "train_loss", "-", True),
             ):
                 epochs, mean, std = _mean_band(runs, key)
-                ax.plot(epochs, mean, color=color, linestyle=style, linewidth=1.2)
-                if epochs[-1] < end:  # a curve that stops before the others: mark where
+                ax.plot(epochs, mean, color=color, linestyle=style, **pale)
+                stop = _last_finite(mean) if key == "train_loss" else None
+                if stop is not None:  # diverged: a cross where the loss was last finite
+                    diverged.add(label)
+                    ax.plot(epochs[stop], mean[stop], color=color, marker="x", markersize=7)
+                elif epochs[-1] < end:  # a curve that stops before the others: mark where
                     ax.plot(epochs[-1:], mean[-1:], color=color, marker="o", markersize=4)
-                if len(runs) > 1:
+                if band and len(runs) > 1:
                     lo = [m - s for m, s in zip(mean, std)]
                     hi = [m + s for m, s in zip(mean, std)]
-                    ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, linewidth=0)
+                    alpha = 0.07 if label in faded else 0.15
+                    ax.fill_between(epochs, lo, hi, color=color, alpha=alpha, linewidth=0)
         top.set_title(name, fontsize=10)
-        top.set_ylabel("accuracy (train —, test - -)")
-        top.grid(alpha=0.3)
-        bottom.set_ylabel("train loss")
         bottom.set_xlabel("epoch")
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-        bottom.grid(alpha=0.3)
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    axes[0, 0].set_ylabel("accuracy (train —, test - -)")
+    axes[1, 0].set_ylabel("train loss")
     last = axes[1, -1]
-    handles = [last.plot([], [], color=c, label=label)[0] for label, c in colors.items()]
+    handles = [
+        last.plot(
+            [], [], color=c, label=f"{label} (diverged)" if label in diverged else label,
+            **({"alpha": 0.5} if label in faded else {}),
+        )[0]
+        for label, c in palette.items()
+    ]  # fmt: skip
     last.legend(handles=handles, fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

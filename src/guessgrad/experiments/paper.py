@@ -273,7 +273,7 @@ _TABLE3_QUICK = Preset(
 TABLE3_EXPERIMENT = Experiment(
     name="table3",
     row_header="width",
-    title="Table 3: train accuracy vs width (rows: width)",
+    title="Table 3: train and test accuracy vs width",
     cells=_TABLE3_CELLS,
     figures=(_FIG2,),
     notes=("Every method starts from the backprop run's initial weights (same seed).",
@@ -396,6 +396,7 @@ FIG1_EXPERIMENT = Experiment(
             when=("init", "final"),
             k_marker=10,
             paper_rank=FIG1_MEAN_RANK,
+            paper_overlap=FIG1_OVERLAP_AT_10,
         ),
     ),
     notes=(

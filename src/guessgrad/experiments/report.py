@@ -23,7 +23,15 @@ from ..curves import draw_curves, read_metrics, seed_std
 from ..files import atomic_path, atomic_write_json, atomic_write_text
 from ..training import describe_code, same_code
 from .runner import RunStore
-from .spec import Cell, Experiment, Method, OverlapFigure, TradeoffFigure, WidthFigure
+from .spec import (
+    PAPER_EPOCHS,
+    Cell,
+    Experiment,
+    Method,
+    OverlapFigure,
+    TradeoffFigure,
+    WidthFigure,
+)
 
 __all__ = [
     "CellResult",
@@ -252,8 +260,8 @@ def _run_notes(
         notes.append("Hardware of the stored runs: " + "; ".join(hardware) + ".")
     if code:
         notes.append(
-            "Code of the stored runs (guessgrad version, git commit: runs): "
-            + "; ".join(f"{label}: {n}" for label, n in code.items())
+            "Code of the stored runs: "
+            + "; ".join(f"{n} run(s) with guessgrad {label}" for label, n in code.items())
             + "."
         )
     return notes
@@ -368,6 +376,33 @@ def _code_label(final: dict[str, Any]) -> str:
     return " → ".join(labels)
 
 
+#: runs and measurements the notes name when some are missing (the rest are counted)
+MISSING_SHOWN = 12
+
+
+def _missing(results: Sequence[CellResult]) -> list[str]:
+    """What the table lacks, one entry per run or measurement with the seeds it lacks:
+    ``W̃⊥ (k=10) at width 128 (seed 1)``, ``overlap-final at width 512, W̃⊥ run (seeds 0, 1)``
+    (the train and test cells of one run count once)."""
+    lacking: dict[str, list[int]] = {}
+    for r in results:
+        if r.unavailable:
+            continue
+        what = f"{r.cell.run.label} at width {r.cell.width}"
+        if r.cell.probe is not None:
+            measured = Path(r.cell.probe.file()).stem
+            what = f"{measured} at width {r.cell.width}, {r.cell.run.label} run"
+        seeds = lacking.setdefault(what, [])
+        for seed, value in zip(r.seeds, r.values):
+            if value is None and seed not in seeds:
+                seeds.append(seed)
+    return [
+        f"{what} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
+        for what, seeds in lacking.items()
+        if seeds
+    ]
+
+
 def render_markdown(
     experiment: Experiment,
     results: Sequence[CellResult],
@@ -435,19 +470,24 @@ def _mathtext(label: str) -> str:
 
 
 def _draw_widths(
-    fig_spec: WidthFigure, results: Sequence[CellResult], path: Path, subtitle: str
+    fig_spec: WidthFigure,
+    results: Sequence[CellResult],
+    path: Path,
+    subtitle: str,
+    colors: Mapping[str, str],
 ) -> bool:
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     cells = [r for r in results if r.cell.quantity == fig_spec.quantity and r.cell.section == ""]
     if not any(r.mean is not None for r in cells):
         return False
     fig = Figure(figsize=(5.5, 4))
     ax = fig.subplots()
-    handles = []
+    handles: list[Any] = []
     for i, col in enumerate(_ordered([r.cell.col for r in cells])):
         curve = sorted((r for r in cells if r.cell.col == col), key=lambda r: r.cell.width)
-        color = f"C{i % 10}"
+        color = colors.get(curve[0].cell.run.label, f"C{i % 10}")
         pts = [(r.cell.width, r.mean, r.std or 0.0) for r in curve if r.mean is not None]
         if pts:
             x, y, e = zip(*pts)
@@ -458,6 +498,11 @@ def _draw_widths(
         if paper:
             x, y = zip(*paper)
             ax.plot(x, y, color=color, linestyle="--", marker="o", mfc="none", alpha=0.6)
+            if not pts:  # the paper's curve alone: named, so that its colour is not a riddle
+                handles.append(
+                    Line2D([], [], color=color, linestyle="--", marker="o", mfc="none",
+                           alpha=0.6, label=f"{_mathtext(col)} (paper only)")
+                )  # fmt: skip
     widths = sorted({r.cell.width for r in cells})
     ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [str(w) for w in widths])
@@ -466,7 +511,8 @@ def _draw_widths(
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{fig_spec.title}, {subtitle}", fontsize=10)
     (paper_handle,) = ax.plot([], [], color="gray", linestyle="--", marker="o", mfc="none")
-    ax.legend([*handles, paper_handle], [*(h.get_label() for h in handles), "paper"], fontsize=8)
+    labels = [*(h.get_label() for h in handles), f"paper ({PAPER_EPOCHS} epochs)"]
+    ax.legend([*handles, paper_handle], labels, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -475,7 +521,11 @@ def _draw_widths(
 
 
 def _draw_tradeoff(
-    fig_spec: TradeoffFigure, results: Sequence[CellResult], path: Path, subtitle: str
+    fig_spec: TradeoffFigure,
+    results: Sequence[CellResult],
+    path: Path,
+    subtitle: str,
+    colors: Mapping[str, str],
 ) -> bool:
     from matplotlib.figure import Figure
 
@@ -496,10 +546,11 @@ def _draw_tradeoff(
     if not widths:
         return False
     labels = _ordered([r.cell.run.label for r in main])
-    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    colors = {label: colors.get(label, f"C{i % 10}") for i, label in enumerate(labels)}
     fig = Figure(figsize=(max(5.5, 4.8 * len(widths)), 4.4))
     axes = fig.subplots(1, len(widths), squeeze=False)[0]
     for ax, width in zip(axes, widths):
+        paper_drawn: set[tuple[float, float]] = set()
         for x, y in pairs[width]:
             color = colors[x.cell.run.label]
             if x.mean is not None and y.mean is not None:
@@ -507,8 +558,12 @@ def _draw_tradeoff(
                 ax.errorbar(
                     [x.mean], [y.mean], **err, color=color, marker="o", capsize=3, ls="none"
                 )
-            if x.cell.paper is not None and y.cell.paper is not None:
-                ax.plot([x.cell.paper], [y.cell.paper], color=color, marker="o", mfc="none")
+            point = (x.cell.paper, y.cell.paper)
+            # rows that share a published value (W̃⊥ by the exact SVD and by the fast solver)
+            # draw it once, in the first such row's colour
+            if point[0] is not None and point[1] is not None and point not in paper_drawn:
+                paper_drawn.add((point[0], point[1]))
+                ax.plot([point[0]], [point[1]], color=color, marker="o", mfc="none")
         ax.set_xscale("log")
         ax.set_xlabel(fig_spec.xlabel)
         ax.set_ylabel(fig_spec.ylabel)
@@ -520,7 +575,7 @@ def _draw_tradeoff(
         for label, c in colors.items()
     ]
     paper = {"color": "gray", "marker": "o", "mfc": "none", "linestyle": "none"}
-    handles += axes[0].plot([], [], **paper, label="paper")
+    handles += axes[0].plot([], [], **paper, label=f"paper ({PAPER_EPOCHS} epochs)")
     axes[0].legend(handles=handles, fontsize=7)
     fig.suptitle(f"{_mathtext(fig_spec.title)}, {subtitle}", fontsize=10)
     fig.tight_layout()
@@ -555,7 +610,7 @@ def _draw_overlap(
             panels.append((width, by_when))
     if not panels:
         return False
-    fig = Figure(figsize=(max(6.5, 5.5 * len(panels)), 4.8))
+    fig = Figure(figsize=(max(6.5, 5.5 * len(panels)), 6.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (width, by_when) in zip(axes, panels):
         paper_rank = fig_spec.paper_rank.get(width, ())
@@ -577,6 +632,12 @@ def _draw_overlap(
                 if km <= len(curve):
                     ax.plot([km], [curve[km - 1]], color=f"C{layer}", marker="o")
         ax.axvline(fig_spec.k_marker, color="gray", linewidth=0.8, linestyle="--")
+        if fig_spec.paper_overlap is not None:
+            lo, hi = fig_spec.paper_overlap
+            ax.vlines(
+                fig_spec.k_marker, lo, hi, color="gray", linewidth=6, alpha=0.35,
+                label=f"paper at k={fig_spec.k_marker}: {lo:g}–{hi:g}",
+            )  # fmt: skip
         ax.set_xscale("log")
         ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500) if t <= max_k]
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -584,7 +645,8 @@ def _draw_overlap(
         ax.set_ylabel("overlap")
         ax.set_ylim(0, 1.02)
         ax.set_title(f"width {width}", fontsize=10)
-        ax.legend(fontsize=7)
+        # below the axes: inside, it would cover the curves wherever it went
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{_mathtext(fig_spec.title)}\n{subtitle}", fontsize=10)
     fig.tight_layout()
@@ -605,12 +667,13 @@ def draw_figures(
     """Draw the experiment's figures into ``out_dir``; return the files drawn."""
     drawn = []
     subtitle = f"{epochs} epochs, {len(seeds)} seed(s)"
+    colors = experiment.colors()  # a method has one colour in every figure
     for spec in experiment.figures:
         path = out_dir / spec.file
         if isinstance(spec, WidthFigure):
-            ok = _draw_widths(spec, results, path, subtitle)
+            ok = _draw_widths(spec, results, path, subtitle, colors)
         elif isinstance(spec, TradeoffFigure):
-            ok = _draw_tradeoff(spec, results, path, subtitle)
+            ok = _draw_tradeoff(spec, results, path, subtitle, colors)
         else:
             ok = _draw_overlap(spec, store, seeds, epochs, path, subtitle)
         if ok:
@@ -638,8 +701,10 @@ def _draw_learning_curves(
 ) -> bool:
     """Accuracy and loss per epoch: one panel per width, one curve per method over its
     finished runs (:func:`guessgrad.curves.draw_curves`), and one more per method over its
-    unfinished runs, up to the last epoch they all reached."""
+    unfinished runs, up to the last epoch they all reached, in the method's colour, faded."""
     panels: dict[int, dict[str, list[list[dict[str, Any]]]]] = {}
+    colors = {_mathtext(label): c for label, c in experiment.colors().items()}
+    faded: set[str] = set()
     for cell in experiment.cells:
         if not cell.needs_training:
             continue
@@ -659,10 +724,14 @@ def _draw_learning_curves(
         curves[label] = runs
         if any(unfinished):
             curves[f"{label} ({UNFINISHED})"] = unfinished
+            colors[f"{label} ({UNFINISHED})"] = colors.get(label, "gray")
+            faded.add(f"{label} ({UNFINISHED})")
     return draw_curves(
         [(f"width {w}", panels[w]) for w in sorted(panels)],
         path,
-        f"{experiment.title}: learning curves, {subtitle}",
+        f"{_mathtext(experiment.title)}: learning curves, {subtitle}",
+        colors=colors,
+        faded=faded,
     )
 
 
@@ -688,11 +757,22 @@ def report(
     for m, reason in unavailable.items():
         if any(r.unavailable == reason for r in results):
             notes.append(f"{m.label} ({m.name}) is not available here: {reason}.")
-    missing = sum(1 for r in results if not r.unavailable and len(r.present) < len(r.values))
+    missing = _missing(results)
     if missing:
+        shown = "; ".join(missing[:MISSING_SHOWN])
+        if len(missing) > MISSING_SHOWN:
+            shown += f"; and {len(missing) - MISSING_SHOWN} more"
         notes.append(
-            f"{missing} cell(s) lack some runs or measurements; `guessgrad reproduce "
-            f"{experiment.name}` with the same options computes them."
+            f"Not computed yet: {shown}. `guessgrad reproduce {experiment.name}` "
+            "with this report's options (--quick, --widths, --methods, --seeds, --epochs, "
+            "--out) computes them."
+        )
+    if epochs != PAPER_EPOCHS and any(
+        r.cell.paper is not None and r.cell.needs_training and r.cell.probe is None for r in results
+    ):
+        notes.append(
+            f"These runs trained {epochs} epochs, the paper's {PAPER_EPOCHS}: its accuracies "
+            "and times are not comparable with them, nor the differences beside them."
         )
     damaged = damaged_runs(experiment, store, seeds, epochs)
     if damaged:

@@ -32,9 +32,14 @@ __all__ = [
     "OverlapFigure",
     "TradeoffFigure",
     "Experiment",
+    "PAPER_EPOCHS",
 ]
 
 When = Literal["init", "final"]
+
+#: the epochs of every training run in the paper (PAPER.md §4): its accuracies and times are
+#: after this many
+PAPER_EPOCHS = 300
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,8 @@ class OverlapFigure:
     when: tuple[When, ...]
     k_marker: int
     paper_rank: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: the range the paper gives for the overlap at ``k_marker``, drawn as a bar there
+    paper_overlap: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +236,9 @@ class Preset:
 class Experiment:
     """A paper experiment: table cells, figures, fixed notes, default seeds and epochs.
 
-    ``row_header`` heads the tables' first column.
+    ``row_header`` heads the tables' first column.  ``palette`` is the order in which method
+    labels take the figures' colours; empty, the cells' order.  A preset keeps the full
+    experiment's, so that a method has the same colour in a narrowed report as in the full one.
     """
 
     name: str
@@ -239,8 +248,14 @@ class Experiment:
     figures: tuple[Figure, ...] = ()
     notes: tuple[str, ...] = ()
     seeds: int = 3
-    epochs: int = 300
+    epochs: int = PAPER_EPOCHS
     quick: Preset | None = None
+    palette: tuple[str, ...] = ()
+
+    def colors(self) -> dict[str, str]:
+        """Each method label's matplotlib colour (``"C0"``, ``"C1"``, …) in every figure."""
+        labels = self.palette or tuple(dict.fromkeys(c.run.label for c in self.cells))
+        return {label: f"C{i % 10}" for i, label in enumerate(labels)}
 
     def with_preset(self, preset: Preset | None) -> Experiment:
         """The experiment with ``preset`` applied (cells and figures filtered)."""
@@ -265,6 +280,7 @@ class Experiment:
             notes=notes,
             seeds=preset.seeds if preset.seeds is not None else self.seeds,
             epochs=preset.epochs if preset.epochs is not None else self.epochs,
+            palette=tuple(self.colors()),
         )
 
     def restrict(self, widths: tuple[int, ...]) -> Experiment:
