@@ -529,3 +529,32 @@ def test_a_broken_pipe_with_no_real_stdout_is_no_traceback(monkeypatch) -> None:
     monkeypatch.setattr("guessgrad.cli.bench.run", broken)
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     assert main(["bench"]) == 141
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_stops_train_like_ctrl_c(tmp_path: Path) -> None:
+    """``kill`` or a job scheduler's time limit (SIGTERM) stops ``train`` as Ctrl-C does:
+    a message, status 143, the checkpoint kept for the same command to resume, no temporary
+    left."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "guessgrad", "train", "--method", "w-transpose"]
+    argv += ["--width", "8", "--epochs", "100000", "--threads", "1", "--out", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143
+    assert "terminated: finished runs are kept; run the same command again to resume." in err
+    assert "Traceback" not in err
+    assert (out / "checkpoint.pt").exists() and not list(out.glob("*.tmp"))

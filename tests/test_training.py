@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -124,6 +126,31 @@ def _code(monkeypatch, commit: str, modified: bool, source: str | None = None) -
     monkeypatch.setattr(training, "git_revision", lambda: (commit, modified))
     digest = source if source is not None else f"{commit[:6]}{int(modified)}"
     monkeypatch.setattr(training, "source_digest", lambda: digest)
+
+
+def test_a_finished_run_is_tidied_of_what_a_killed_writer_left(
+    data: MNIST1D, tmp_path: Path
+) -> None:
+    """Killed after writing final.json but before removing the checkpoint, or while drawing
+    curves.png: the next call finds the run finished and removes the leftovers, except a
+    temporary young enough to be another process's file being written."""
+    config = _config(epochs=1)
+    out = tmp_path / "run"
+    final = train(config, out_dir=out, data=data)
+    (out / "checkpoint.pt").write_bytes(b"superseded")
+    for name in ("curves.png.k1ll3d.tmp", "final.json.k1ll3d.tmp", "busy.png.x.tmp"):
+        (out / name).write_bytes(b"half a file")
+    fresh = out / "curves.png.wr1t1n.tmp"
+    fresh.write_bytes(b"being drawn")
+    old = time.time() - 2 * training.STALE_AFTER
+    for path in out.glob("*.k1ll3d.tmp"):
+        os.utime(path, (old, old))
+    assert train(config, out_dir=out, data=data) == final
+    left = sorted(p.name for p in out.iterdir() if p.name != ".lock")
+    assert left == sorted(
+        ["busy.png.x.tmp", "config.json", "curves.png.wr1t1n.tmp", "final.json", "metrics.jsonl",
+         "model.pt"]
+    )  # fmt: skip
 
 
 def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Path) -> None:

@@ -348,6 +348,7 @@ def train(
     final, ckpt = _read_stored_run(out, device)
     _check_stored_run(out, config, final, ckpt)
     if final is not None:  # finished: read without the lock (a read-only store is reported)
+        _tidy_finished(out)
         return final
     with _run_lock(out):
         return _train(config, device, out, data, on_epoch, on_step)
@@ -388,6 +389,27 @@ def _run_lock(out: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: seconds after which a temporary in a finished run's directory counts as left by a killed
+#: writer (a younger one may be another process's ``curves.png`` being drawn right now)
+STALE_AFTER = 60.0
+
+
+def _tidy_finished(out: Path) -> None:
+    """Remove what a process killed between writing ``final.json`` and tidying up left in a
+    finished run's directory: the checkpoint (``final.json`` and ``model.pt`` supersede it)
+    and stale temporaries.  Nothing is said where the directory cannot be written (a shared,
+    read-only store): the run is finished either way."""
+    old = time.time() - STALE_AFTER
+    leftovers = [out / "checkpoint.pt"]
+    leftovers += [p for pattern in STALE_TEMPORARIES for p in out.glob(pattern)]
+    for path in leftovers:
+        try:
+            if path.name == "checkpoint.pt" or path.stat().st_mtime < old:
+                path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def _train(
     config: TrainConfig,
     device: torch.device,
@@ -403,6 +425,7 @@ def _train(
         final, ckpt = _read_stored_run(out, device)
         _check_stored_run(out, config, final, ckpt)
         if final is not None:
+            _tidy_finished(out)
             return final
         for pattern in STALE_TEMPORARIES:  # of a process killed while writing (files.py)
             for stale in out.glob(pattern):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn
@@ -82,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler's time limit), raised where Ctrl-C would be, so that
+    the command stops the same way: temporaries removed, locks released, workers stopped."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
@@ -90,16 +101,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     formatter = warnings.formatwarning
     plain_warnings()  # for the command's own lines; the caller's formatting comes back after
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         resumable = args.command in ("train", "reproduce")  # bench, diagnose, report keep nothing
         more = ": finished runs are kept; run the same command again to resume" if resumable else ""
-        print(f"\ninterrupted{more}.", file=sys.stderr)
-        return 130
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"\n{what}{more}.", file=sys.stderr)
+        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
     except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as on SIGPIPE
         try:  # the interpreter's last flush goes nowhere
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -110,3 +124,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     finally:
         warnings.formatwarning = formatter
+        if main_thread:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

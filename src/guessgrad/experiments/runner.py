@@ -487,8 +487,8 @@ def _run_pool(
         tasks.cancel_join_thread()
         raise
     finally:
-        if stop_on_term:
-            signal.signal(signal.SIGTERM, previous)
+        if stop_on_term:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         for proc in workers.values():
             proc.join(timeout=30)
             if proc.is_alive():
