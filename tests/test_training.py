@@ -509,3 +509,27 @@ def test_device_names_are_checked_before_anything_runs(monkeypatch) -> None:
     assert resolve("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match=r"'cuda:7' requested but there are 1 CUDA device"):
         resolve("cuda:7")
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc")
+def test_each_epoch_line_reaches_the_disk_before_its_checkpoint(
+    data: MNIST1D, tmp_path: Path, monkeypatch
+) -> None:
+    """After a power cut, metrics.jsonl must not hold fewer epochs than the checkpoint: the
+    epoch's line is fsynced before the checkpoint that counts it is written."""
+    events: list[str] = []
+    real_fsync, real_save = os.fsync, training._save_checkpoint
+
+    def fsync(fd: int) -> None:
+        events.append("fsync " + Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    def save(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        events.append("checkpoint")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.os, "fsync", fsync)
+    monkeypatch.setattr(training, "_save_checkpoint", save)
+    train(_config(epochs=2), out_dir=tmp_path / "run", data=data)
+    order = [e for e in events if e in ("fsync metrics.jsonl", "checkpoint")]
+    assert order == ["fsync metrics.jsonl", "checkpoint"] * 2

@@ -531,6 +531,10 @@ def _train(
         if out is not None:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
+                # on disk before the checkpoint that counts this epoch: after a power cut the
+                # file never holds fewer epochs than the checkpoint (resuming keeps as many)
+                f.flush()
+                os.fsync(f.fileno())
             _save_checkpoint(
                 out / "checkpoint.pt",
                 config,
