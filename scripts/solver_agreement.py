@@ -1,12 +1,12 @@
 """The fast W̃⊥ solver against the exact SVD: subspace energy fidelity and Eq. 17/18 statistics.
 
-    python scripts/solver_agreement.py RUN_DIR [--samples 16] [--warm 5] [--fidelity-only]
+    python scripts/solver_agreement.py RUN_DIR [--k 10] [--samples 16] [--warm 5] [--fidelity-only]
 
 RUN_DIR holds a ``model.pt`` of an MLP trained by ``guessgrad train`` (its ``config.json``
 gives the width); everything is measured on the first 512 training examples, on those weights
 and at the seed's initialisation.
 
-- Fidelity: mean_b tr(Vᵀ G_b V) / Σ_{j≤k} λ_j(G_b) of ``WPerp(k=10, solver="subspace")`` per
+- Fidelity: mean_b tr(Vᵀ G_b V) / Σ_{j≤k} λ_j(G_b) of ``WPerp(k, solver="subspace")`` per
   hidden layer solved by block Krylov (1.0 = the exact top-k subspace), after ``--warm``
   estimates on the batch, so that the warm start has moved on as it does in training.
 - Statistics (unless ``--fidelity-only``): bias (Eq. 17) and exact variance (Eq. 18) of the
@@ -25,10 +25,12 @@ import guessgrad as gg
 from guessgrad.bench import layer_fidelities
 
 
-def fidelity_rows(models: dict[str, torch.nn.Sequential], x, y, warm: int) -> list[str]:
+def fidelity_rows(
+    models: dict[str, torch.nn.Sequential], x, y, warm: int, k: int = 10
+) -> list[str]:
     rows = ["| weights | layer | fidelity |", "|---|---|---|"]
     for label, model in models.items():
-        est = gg.WPerp(k=10, solver="subspace")
+        est = gg.WPerp(k=k, solver="subspace")
         gen = torch.Generator().manual_seed(0)
         for _ in range(warm):  # moves the warm start on; the weights are not updated
             est.estimate(model, x, y, generator=gen)
@@ -37,7 +39,9 @@ def fidelity_rows(models: dict[str, torch.nn.Sequential], x, y, warm: int) -> li
     return rows
 
 
-def statistics_rows(models: dict[str, torch.nn.Sequential], x, y, samples: int) -> list[str]:
+def statistics_rows(
+    models: dict[str, torch.nn.Sequential], x, y, samples: int, k: int = 10
+) -> list[str]:
     rows = [
         "| weights | layer | bias svd | bias subspace | ratio "
         "| variance svd | variance subspace | ratio |",
@@ -46,7 +50,7 @@ def statistics_rows(models: dict[str, torch.nn.Sequential], x, y, samples: int) 
     for label, model in models.items():
         stats = {}
         for solver in ("svd", "subspace"):
-            est = gg.WPerp(k=10, solver=solver)
+            est = gg.WPerp(k=k, solver=solver)
             gen = torch.Generator().manual_seed(0)
             stats[solver] = gg.diagnose(model, x, y, est, samples=samples, generator=gen)
         for a, b in zip(stats["svd"], stats["subspace"]):
@@ -61,6 +65,7 @@ def statistics_rows(models: dict[str, torch.nn.Sequential], x, y, samples: int) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--k", type=int, default=10, help="subspace size (default: 10)")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--warm", type=int, default=5, help="estimates before the fidelity")
     parser.add_argument("--fidelity-only", action="store_true")
@@ -74,10 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     trained = gg.MLP(widths)
     trained.load_state_dict(torch.load(args.run_dir / "model.pt"))
     models = {"init": init, "trained": trained}
-    print("\n".join(fidelity_rows(models, x, y, args.warm)))
+    print("\n".join(fidelity_rows(models, x, y, args.warm, args.k)))
     if not args.fidelity_only:
         print()
-        print("\n".join(statistics_rows(models, x, y, args.samples)))
+        print("\n".join(statistics_rows(models, x, y, args.samples, args.k)))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
         ("trained", "1"),
     ]
     assert all(0.5 < float(r[3]) <= 1.0 + 1e-6 for r in rows)
+    # with k = 2 the last hidden layer (10 rows above it) is solved by block Krylov too
+    proc = subprocess.run(
+        [*cmd, "--fidelity-only", "--warm", "1", "--k", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    layers = [line.split("|")[2].strip() for line in proc.stdout.splitlines()]
+    assert [x for x in layers if x.isdigit()] == ["0", "1", "2", "0", "1", "2"]
 
 
 def test_wtranspose_costs_prints_faults_steps_and_draws():
