@@ -25,6 +25,7 @@ from guessgrad.experiments import (
 )
 from guessgrad.experiments.measure import overlap_curve, weights_digest
 from guessgrad.experiments.paper import TABLE2, TABLE3, TABLE4, W_PERP, W_PERP_NS
+from guessgrad.experiments.spec import OverlapFigure
 from guessgrad.files import atomic_write_json
 from guessgrad.metrics import overlap
 
@@ -268,9 +269,11 @@ def test_a_measurement_of_replaced_final_weights_is_stale(tmp_path: Path) -> Non
         Cell("8", "rank", wt, 8, "rank_mean", probe=Probe("overlap", "final", 1)),
         Cell("8", "bias", wt, 8, "bias", probe=Probe("diagnose", "init", 0, estimator=wt)),
     )
-    exp = Experiment(name="stale", title="stale", cells=cells, seeds=1, epochs=1)
+    fig = OverlapFigure("fig1.png", "overlap", wt, widths=(8,), when=("final",), k_marker=2)
+    exp = Experiment(name="stale", title="stale", cells=cells, figures=(fig,), seeds=1, epochs=1)
     tasks = plan(exp, seeds=[0], epochs=1)
     assert {o.status for o in run_tasks(tasks, tmp_path)} == {"done"}
+    assert "(fig1.png)" in report(exp, tmp_path, tmp_path, seeds=[0], epochs=1)
     store = RunStore(tmp_path)
     final_probe = next(t for t in tasks if t.probe is not None and t.probe.when == "final")
     init_probe = next(t for t in tasks if t.probe is not None and t.probe.when == "init")
@@ -283,13 +286,20 @@ def test_a_measurement_of_replaced_final_weights_is_stale(tmp_path: Path) -> Non
     torch.save({k: v + 0.5 for k, v in state.items()}, run_dir / "model.pt")
     assert not final_probe.done(store) and init_probe.done(store)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=1)
-    assert "| 8 | — | " in markdown
+    assert "| 8 | — | " in markdown and "(fig1.png)" not in markdown  # nor drawn
     assert "Not computed yet: overlap-final at width 8, W̃ᵀ run (seed 0)." in markdown
     outcomes = run_tasks(tasks, tmp_path)  # only the stale measurement is redone
     assert [(o.task.label(), o.status) for o in outcomes] == [(final_probe.label(), "done")]
     new = json.loads((run_dir / final_probe.output()).read_text())
     assert new["weights_sha256"] == weights_digest(run_dir) != record["weights_sha256"]
+    # without a readable model.pt there is nothing to compare with: taken as it is
+    (run_dir / "model.pt").rename(run_dir / "kept.pt")
+    (run_dir / "model.pt").mkdir()
+    assert final_probe.done(store)
+    (run_dir / "model.pt").rmdir()
+    assert final_probe.done(store)
     # a record without the field (an older version's) is taken as it is
+    (run_dir / "kept.pt").rename(run_dir / "model.pt")
     del new["weights_sha256"]
     (run_dir / final_probe.output()).write_text(json.dumps(new))
     assert final_probe.done(store)

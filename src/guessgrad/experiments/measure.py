@@ -17,6 +17,7 @@ over the examples with g_b ≠ 0: one SVD per example instead of one per k.
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 from typing import Any
 
@@ -41,20 +42,32 @@ _DIAG_SEED_OFFSET = 4_000_037
 
 def run_weights(config: TrainConfig, run_dir: Path, when: str, data: MNIST1D) -> nn.Module:
     """The run's model at initialisation or at the end of training, on ``config.device``."""
+    return _weights(config, run_dir, when, data)[0]
+
+
+def _weights(
+    config: TrainConfig, run_dir: Path, when: str, data: MNIST1D
+) -> tuple[nn.Module, str | None]:
+    """:func:`run_weights` and the SHA-256 of the ``model.pt`` bytes it loaded (``None`` at
+    initialisation): the digest names exactly the weights measured."""
     if when not in ("init", "final"):
         raise ValueError(f"when must be 'init' or 'final', got when={when!r}")
     model = initial_model(config, data.num_features, data.num_classes)
+    digest = None
     if when == "final":
-        state = torch.load(Path(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+        raw = (Path(run_dir) / "model.pt").read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    return model.to(config.device)
+    return model.to(config.device), digest
 
 
 def weights_digest(run_dir: Path) -> str | None:
-    """SHA-256 (hex) of the run's final weights file ``model.pt``, ``None`` if it has none."""
+    """SHA-256 (hex) of the run's final weights file ``model.pt``; ``None`` if it has none or
+    it cannot be read (then no measurement can be judged stale)."""
     try:
         return hashlib.sha256((Path(run_dir) / "model.pt").read_bytes()).hexdigest()
-    except FileNotFoundError:
+    except OSError:
         return None
 
 
@@ -82,8 +95,8 @@ def _batch(data: MNIST1D, size: int) -> tuple[Tensor, Tensor]:
     return data.x_train[:size], data.y_train[:size]
 
 
-def _provenance(config: TrainConfig, run_dir: Path, when: str, batch: int) -> dict[str, Any]:
-    weights = {"weights_sha256": weights_digest(run_dir)} if when == "final" else {}
+def _provenance(config: TrainConfig, digest: str | None, when: str, batch: int) -> dict[str, Any]:
+    weights = {"weights_sha256": digest} if when == "final" else {}
     return {
         "config": config.to_dict(),
         "when": when,
@@ -108,14 +121,14 @@ def diagnostics_record(
     The guesses come from a generator seeded from ``config.seed``, so the record is
     reproducible.
     """
-    model = run_weights(config, run_dir, when, data)
+    model, digest = _weights(config, run_dir, when, data)
     device = next(model.parameters()).device
     est = make_estimator(estimator.name, **estimator.kwargs)
     x, y = (t.to(device) for t in _batch(data, batch))
     gen = torch.Generator(device=device).manual_seed(config.seed + _DIAG_SEED_OFFSET)
     records = diagnose(model, x, y, est, samples=samples, generator=gen)
     return {
-        **_provenance(config, run_dir, when, batch),
+        **_provenance(config, digest, when, batch),
         "estimator": repr(est),
         "method": estimator.name,
         "options": estimator.kwargs,
@@ -131,7 +144,8 @@ def overlap_record(
 
     ``chunk`` examples are factorised at a time to bound memory (W̃ is m × n per example).
     """
-    model = run_weights(config, run_dir, when, data).double()
+    model, digest = _weights(config, run_dir, when, data)
+    model = model.double()
     layers = linear_layers(model)
     device = layers[0].weight.device
     x, y = _batch(data, batch)
@@ -165,4 +179,4 @@ def overlap_record(
                 "rank_max": int(rank.max()),
             }
         )
-    return {**_provenance(config, run_dir, when, batch), "layers": out}
+    return {**_provenance(config, digest, when, batch), "layers": out}

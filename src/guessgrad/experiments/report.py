@@ -29,6 +29,7 @@ from .spec import (
     Experiment,
     Method,
     OverlapFigure,
+    Probe,
     TradeoffFigure,
     WidthFigure,
 )
@@ -601,7 +602,7 @@ def _draw_overlap(
             records = []
             for seed in seeds:
                 config = fig_spec.run.config(width=width, seed=seed, epochs=epochs)
-                rec = store.read(config, f"diagnostics/overlap-{when}.json")
+                rec = store.probe_record(config, Probe("overlap", when, 0))  # none if stale
                 if rec is not None:
                     records.append(rec)
             if records:

@@ -80,12 +80,14 @@ class RunStore:
         """The probe's measurement of the run, or ``None`` if absent, unreadable or stale: a
         measurement at the final weights whose ``weights_sha256`` is not that of the run's
         ``model.pt`` now was taken on weights the run no longer has (it was trained again).
-        Records without the field (written before it existed, or by hand) are taken as they
+        Records without the field (written before it existed, or by hand), and those of a run
+        whose ``model.pt`` is gone or unreadable (nothing to compare with), are taken as they
         are."""
         record = self.read(config, probe.file())
         if record is None or probe.when != "final" or "weights_sha256" not in record:
             return record
-        return record if record["weights_sha256"] == weights_digest(self.run_dir(config)) else None
+        now = weights_digest(self.run_dir(config))
+        return record if now is None or record["weights_sha256"] == now else None
 
     def final_state(self, config: TrainConfig) -> Literal["finished", "damaged", "absent"]:
         """Whether the run's ``final.json`` is a finished run's record, is there but cannot be
