@@ -8,8 +8,8 @@ deviation where there are several (train accuracy and loss; the test curves get 
 would hide the others); seeds whose runs stopped at different epochs are drawn up to the last
 epoch they all reached, and a curve that stops before the others in its panel ends in a dot.
 A curve whose loss stops being finite (a diverged seed) ends in a cross at its last finite
-point, and its legend entry says "diverged".  Panels share their y axes, so that widths
-compare at a glance.
+point, and its legend entry says "diverged".  The accuracy panels share their y axis, so that
+widths compare at a glance; each loss panel keeps its own.
 """
 
 from __future__ import annotations
@@ -102,11 +102,11 @@ def _palette(labels: Sequence[str], fixed: Mapping[str, str]) -> dict[str, str]:
 
 
 def _last_finite(values: Sequence[float]) -> int | None:
-    """Index of the last value before the first non-finite one; ``None`` if all are finite
-    (or the first is not)."""
+    """Index of the last value before the first non-finite one (-1 if the first is not
+    finite); ``None`` if all are finite."""
     for i, v in enumerate(values):
         if not math.isfinite(v):
-            return i - 1 if i > 0 else None
+            return i - 1
     return None
 
 
@@ -134,7 +134,9 @@ def curves_figure(
     palette = _palette(labels, colors or {})
     diverged: set[str] = set()
     fig = Figure(figsize=(max(6.0, 4.2 * len(kept)), 6.4))
-    axes = fig.subplots(2, len(kept), squeeze=False, sharex="col", sharey="row")
+    axes = fig.subplots(2, len(kept), squeeze=False, sharex="col")
+    for ax in axes[0, 1:]:  # accuracies on one scale; each loss on its own (one run blowing up
+        ax.sharey(axes[0, 0])  # would flatten every panel's curves)
     for col, (name, curves) in enumerate(kept):
         top, bottom = axes[0, col], axes[1, col]
         end = max(int(r[-1]["epoch"]) for runs in curves.values() for r in runs)
@@ -151,7 +153,8 @@ def curves_figure(
                 stop = _last_finite(mean) if key == "train_loss" else None
                 if stop is not None:  # diverged: a cross where the loss was last finite
                     diverged.add(label)
-                    ax.plot(epochs[stop], mean[stop], color=color, marker="x", markersize=7)
+                    if stop >= 0:
+                        ax.plot(epochs[stop], mean[stop], color=color, marker="x", markersize=7)
                 elif epochs[-1] < end:  # a curve that stops before the others: mark where
                     ax.plot(epochs[-1:], mean[-1:], color=color, marker="o", markersize=4)
                 if band and len(runs) > 1:
@@ -164,9 +167,10 @@ def curves_figure(
         bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-            ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+            ax.ticklabel_format(axis="y", useOffset=False)
     axes[0, 0].set_ylabel("accuracy (train —, test - -)")
-    axes[1, 0].set_ylabel("train loss")
+    for ax in axes[1]:
+        ax.set_ylabel("train loss")
     last = axes[1, -1]
     handles = [
         last.plot(
