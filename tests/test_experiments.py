@@ -261,6 +261,20 @@ def test_probe_tasks_write_measurements(tmp_path: Path) -> None:
     assert float(rank) == pytest.approx(ov["layers"][1]["rank_mean"], abs=0.05)
 
 
+def test_a_sweep_tidies_finished_runs(tmp_path: Path) -> None:
+    """A finished run a killed writer left a checkpoint in (killed between final.json and the
+    checkpoint's removal) is tidied by the next sweep, which trains nothing."""
+    wt = method("W̃ᵀ", "w-transpose")
+    cell = Cell("8", "train", wt, 8, "train_accuracy")
+    exp = Experiment(name="tidy", title="tidy", cells=(cell,), seeds=1, epochs=1)
+    tasks = plan(exp, seeds=[0], epochs=1)
+    assert {o.status for o in run_tasks(tasks, tmp_path)} == {"done"}
+    run_dir = RunStore(tmp_path).run_dir(tasks[0].config)
+    (run_dir / "checkpoint.pt").write_bytes(b"superseded")
+    assert run_tasks(tasks, tmp_path) == []
+    assert not (run_dir / "checkpoint.pt").exists()
+
+
 def test_a_measurement_of_replaced_final_weights_is_stale(tmp_path: Path) -> None:
     """A run trained again (its ``final.json`` deleted) gets new weights: its old final-weight
     measurement is neither shown nor counted as done, and is measured again."""
@@ -694,7 +708,13 @@ def test_report_names_what_is_missing_and_warns_of_other_epochs(tmp_path: Path) 
     assert "not comparable" not in markdown
     _store_final(tmp_path, bp, 0, 4, train_accuracy=0.2, test_accuracy=0.1)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0], epochs=4)
-    assert "These runs trained 4 epochs, the paper's 300: its accuracies" in markdown
+    assert "These runs trained 4 epochs, the paper's 300: its accuracies, times" in markdown
+    # a value a finished run's record lacks (here its time) is not listed: reproducing would
+    # not compute it
+    exp4 = EXPERIMENTS["table4"].restrict((128,)).only_methods(("w-transpose",))
+    _store_final(tmp_path, exp4.cells[0], 0, 300, train_accuracy=0.3, test_accuracy=0.2)
+    markdown = report(exp4, tmp_path, tmp_path, seeds=[0], epochs=300)
+    assert "| — (" in markdown and "Not computed yet" not in markdown
 
 
 def test_table4_draws_a_published_point_shared_by_two_rows_once(

@@ -68,6 +68,7 @@ __all__ = [
     "same_code",
     "source_digest",
     "error_summary",
+    "tidy_finished",
 ]
 
 
@@ -348,7 +349,7 @@ def train(
     final, ckpt = _read_stored_run(out, device)
     _check_stored_run(out, config, final, ckpt)
     if final is not None:  # finished: read without the lock (a read-only store is reported)
-        _tidy_finished(out)
+        tidy_finished(out)
         return final
     with _run_lock(out):
         return _train(config, device, out, data, on_epoch, on_step)
@@ -394,7 +395,7 @@ def _run_lock(out: Path) -> Iterator[None]:
 STALE_AFTER = 60.0
 
 
-def _tidy_finished(out: Path) -> None:
+def tidy_finished(out: Path) -> None:
     """Remove what a process killed between writing ``final.json`` and tidying up left in a
     finished run's directory: the checkpoint (``final.json`` and ``model.pt`` supersede it)
     and stale temporaries.  Nothing is said where the directory cannot be written (a shared,
@@ -425,7 +426,7 @@ def _train(
         final, ckpt = _read_stored_run(out, device)
         _check_stored_run(out, config, final, ckpt)
         if final is not None:
-            _tidy_finished(out)
+            tidy_finished(out)
             return final
         for pattern in STALE_TEMPORARIES:  # of a process killed while writing (files.py)
             for stale in out.glob(pattern):

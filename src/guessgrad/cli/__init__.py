@@ -84,31 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, a job scheduler's time limit), raised where Ctrl-C would be, so that
-    the command stops the same way: temporaries removed, locks released, workers stopped."""
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    raise Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..experiments.runner import plain_warnings
+    from ..experiments.runner import Terminated, _exit_on_signal, plain_warnings
 
     formatter = warnings.formatwarning
     plain_warnings()  # for the command's own lines; the caller's formatting comes back after
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    # SIGTERM stops every command as Ctrl-C does (a sweep's pool sets the same handler)
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main_thread else None
     try:
         return int(args.func(args) or 0)
     except UsageError as err:
         print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as err:
+    except (KeyboardInterrupt, Terminated) as err:
         resumable = args.command in ("train", "reproduce")  # bench, diagnose, report keep nothing
         more = ": finished runs are kept; run the same command again to resume" if resumable else ""
         what = "terminated" if isinstance(err, Terminated) else "interrupted"

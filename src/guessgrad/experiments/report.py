@@ -381,21 +381,30 @@ def _code_label(final: dict[str, Any]) -> str:
 MISSING_SHOWN = 12
 
 
-def _missing(results: Sequence[CellResult]) -> list[str]:
-    """What the table lacks, one entry per run or measurement with the seeds it lacks:
-    ``W̃⊥ (k=10) at width 128 (seed 1)``, ``overlap-final at width 512, W̃⊥ run (seeds 0, 1)``
-    (the train and test cells of one run count once)."""
+def _missing(results: Sequence[CellResult], store: RunStore, epochs: int) -> list[str]:
+    """What ``guessgrad reproduce`` would still compute for the table, one entry per run or
+    measurement with the seeds it lacks: ``W̃⊥ (k=10) at width 128 (seed 1)``,
+    ``overlap-final at width 512, W̃⊥ run (seeds 0, 1)`` (the train and test cells of one run
+    count once).  A value missing from a finished run's record, or from a measurement, is not
+    listed (nothing would compute it), nor a damaged run (named in its own note)."""
     lacking: dict[str, list[int]] = {}
     for r in results:
         if r.unavailable:
             continue
-        what = f"{r.cell.run.label} at width {r.cell.width}"
-        if r.cell.probe is not None:
-            measured = Path(r.cell.probe.file()).stem
-            what = f"{measured} at width {r.cell.width}, {r.cell.run.label} run"
+        cell = r.cell
+        what = f"{cell.run.label} at width {cell.width}"
+        if cell.probe is not None:
+            what = f"{Path(cell.probe.file()).stem} at width {cell.width}, {cell.run.label} run"
         seeds = lacking.setdefault(what, [])
         for seed, value in zip(r.seeds, r.values):
-            if value is None and seed not in seeds:
+            if value is not None or seed in seeds:
+                continue
+            config = cell.run.config(width=cell.width, seed=seed, epochs=epochs)
+            if cell.probe is None:
+                todo = store.final_state(config) == "absent"
+            else:
+                todo = store.probe_record(config, cell.probe) is None
+            if todo:
                 seeds.append(seed)
     return [
         f"{what} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, sorted(seeds)))})"
@@ -758,7 +767,7 @@ def report(
     for m, reason in unavailable.items():
         if any(r.unavailable == reason for r in results):
             notes.append(f"{m.label} ({m.name}) is not available here: {reason}.")
-    missing = _missing(results)
+    missing = _missing(results, store, epochs)
     if missing:
         shown = "; ".join(missing[:MISSING_SHOWN])
         if len(missing) > MISSING_SHOWN:
@@ -768,12 +777,12 @@ def report(
             "with this report's options (--quick, --widths, --methods, --seeds, --epochs, "
             "--out) computes them."
         )
-    if epochs != PAPER_EPOCHS and any(
-        r.cell.paper is not None and r.cell.needs_training and r.cell.probe is None for r in results
-    ):
+    if epochs != PAPER_EPOCHS and any(r.cell.paper is not None and r.cell.needs_training
+                                      for r in results):  # fmt: skip
         notes.append(
-            f"These runs trained {epochs} epochs, the paper's {PAPER_EPOCHS}: its accuracies "
-            "and times are not comparable with them, nor the differences beside them."
+            f"These runs trained {epochs} epochs, the paper's {PAPER_EPOCHS}: its accuracies, "
+            "times and measurements on final weights are not comparable with them, nor the "
+            "differences beside them."
         )
     damaged = damaged_runs(experiment, store, seeds, epochs)
     if damaged:

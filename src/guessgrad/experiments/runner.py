@@ -35,12 +35,13 @@ import torch
 from ..data import MNIST1D, mnist1d
 from ..estimators import make_estimator
 from ..files import atomic_write_json
-from ..training import FINAL_FIELDS, TrainConfig, _has_run_fields, train
+from ..training import FINAL_FIELDS, TrainConfig, _has_run_fields, tidy_finished, train
 from .measure import diagnostics_record, overlap_record, weights_digest
 from .paper import DIAG_BATCH, DIAG_SAMPLES
 from .spec import Experiment, Method, Probe
 
 __all__ = [
+    "Terminated",
     "Task",
     "Outcome",
     "Progress",
@@ -350,6 +351,9 @@ def run_tasks(
         ("measuring", "task", [t for t in tasks if t.kind == "probe"]),
     )
     todo = [(name, unit, [t for t in group if not t.done(store)]) for name, unit, group in phases]
+    for task in phases[0][2]:  # finished runs: what a killed writer left there goes
+        if task.done(store):
+            tidy_finished(store.run_dir(task.config))
     if any(group for _, _, group in todo):
         _data()  # generate the data set once, before any worker needs it
     for name, unit, group in todo:
@@ -410,11 +414,7 @@ def _run_pool(
     """Run ``group`` in ``jobs`` spawned workers; a worker that dies fails only its task."""
     ctx = mp.get_context("spawn")
     tasks, events = ctx.Queue(), ctx.Queue()
-    for idx, task in enumerate(group):
-        tasks.put((idx, task))
     n = min(jobs, len(group))
-    for _ in range(n):
-        tasks.put(None)
     workers: dict[int, Any] = {}
     running: dict[int, int] = {}  # worker id -> task index
     remaining = set(range(len(group)))
@@ -439,7 +439,11 @@ def _run_pool(
     # does: the handler turns it into an exception, and the except clause below terminates them
     stop_on_term = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_signal) if stop_on_term else None
-    try:
+    try:  # from the first task queued: an interruption must cancel the queue's feeder thread
+        for idx, task in enumerate(group):
+            tasks.put((idx, task))
+        for _ in range(n):
+            tasks.put(None)
         for wid in range(n):
             spawn(wid)
         next_wid = n
@@ -498,5 +502,14 @@ def _run_pool(
     return outcomes
 
 
+class Terminated(SystemExit):
+    """SIGTERM (``kill``, a job scheduler's time limit) as an exception, exit status 143: a
+    sweep or a run stops as on Ctrl-C (workers stopped, temporaries removed, locks released),
+    and a script that does not catch it exits quietly with that status."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
 def _exit_on_signal(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    raise Terminated
