@@ -166,6 +166,10 @@ def test_train_reads_a_finished_run_in_a_read_only_folder(
             ["bench", "--methods", "w-perp:k=2:depth=3,w-perp:depth=3:k=02"],
             "lists w-perp twice: w-perp:k=2:depth=3 and w-perp:depth=3:k=02",
         ),
+        (
+            ["bench", "--methods", "w-perp,w-perp:k=10"],
+            "lists w-perp twice: w-perp and w-perp:k=10",
+        ),
         (["bench", "--width", "abc"], "--width: expected a positive integer, got 'abc'"),
         (["diagnose", "--seed", "-2"], "--seed: expected an integer in [0, 2**62], got '-2'"),
         (["train", "--device", "tpu"], "unknown device 'tpu'"),

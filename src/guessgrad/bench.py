@@ -385,11 +385,12 @@ def main(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.methods.split(",") if s.strip()]
     if not specs:
         raise ValueError(f"--methods: expected names like backprop,w-perp, got {args.methods!r}")
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[str, str] = {}
     for spec in specs:  # fail on a bad name, or a method listed twice, before timing anything
         name, options = parse_method(spec)
-        make_estimator(name, **options)
-        key = (name, repr(sorted(options.items())))  # w-perp:k=2 is w-perp:k=02
+        # the estimator's repr names every option, defaults included: w-perp:k=2 is
+        # w-perp:k=02, and w-perp is w-perp:k=10
+        key = repr(make_estimator(name, **options))
         if key in seen:
             raise ValueError(f"--methods lists {name} twice: {seen[key]} and {spec}")
         seen[key] = spec
