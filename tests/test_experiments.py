@@ -742,3 +742,15 @@ def test_table4_draws_a_published_point_shared_by_two_rows_once(
     )
     wperp = next(ln for ln in hollow if ln.get_ydata()[0] == svd.paper)
     assert wperp.get_color() == colors["W̃⊥ (k=10, SVD)"]
+
+
+def test_notes_about_a_method_go_with_its_cells() -> None:
+    """A note on the exact-SVD row or on W̃⊥'s solver is not shown when the row is left out."""
+    full = EXPERIMENTS["table4"].note_texts()
+    svd, solver = "W̃⊥ (k=10, SVD) is the paper's construction", "W̃⊥ trains with solver"
+    assert any(svd in n for n in full) and any(solver in n for n in full)
+    quick = EXPERIMENTS["table4"].with_preset(EXPERIMENTS["table4"].quick).note_texts()
+    assert not any(svd in n for n in quick) and any(solver in n for n in quick)
+    ns = EXPERIMENTS["table4"].only_methods(("w-perp-ns",)).note_texts()
+    assert not any(svd in n or solver in n for n in ns)
+    assert any(n.startswith("Time: training time") for n in ns)  # the notes on every row stay

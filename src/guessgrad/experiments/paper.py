@@ -36,6 +36,7 @@ from .spec import (
     Cell,
     Experiment,
     Method,
+    Note,
     OverlapFigure,
     Preset,
     Probe,
@@ -182,10 +183,14 @@ _DIAG_NOTE = (
     "expectation of Eq. 18, bias = Eq. 17, cov. norm = sqrt(mean_b ‖C_b − I‖_F²)/d. "
     "W̃⊥ statistics use the exact SVD (the paper's construction)."
 )
-_W_PERP_NOTE = f"W̃⊥ trains with solver {W_PERP_SOLVER!r}" + (
-    " (the estimator's default is the exact SVD, seconds per step)."
-    if _DEFAULT_SOLVER == "svd"
-    else " (the estimator's default)."
+_W_PERP_NOTE = Note(
+    f"W̃⊥ trains with solver {W_PERP_SOLVER!r}"
+    + (
+        " (the estimator's default is the exact SVD, seconds per step)."
+        if _DEFAULT_SOLVER == "svd"
+        else " (the estimator's default)."
+    ),
+    (W_PERP, W_PERP_25, W_PERP_1, W_PERP_RANK),
 )
 
 # ---------------------------------------------------------------------------------------
@@ -203,11 +208,14 @@ TABLE1_EXPERIMENT = Experiment(
         for paper in [TABLE1[m.label] if q == "train_accuracy" else None]
     ),
     notes=(
-        "k = rank: per example, the rank of W̃_b, so the guess spans W̃_b's whole row space, "
-        "which holds the gradient: unbiased. Same solver as the other W̃⊥ columns: the fast "
-        "solver's closed form for it (the active units, or for the last hidden layer the span "
-        "of the 10 class rows) has the same law as the exact SVD truncated at "
-        "torch.linalg.matrix_rank's tolerance, without any SVD.",
+        Note(
+            "k = rank: per example, the rank of W̃_b, so the guess spans W̃_b's whole row "
+            "space, which holds the gradient: unbiased. Same solver as the other W̃⊥ columns: "
+            "the fast solver's closed form for it (the active units, or for the last hidden "
+            "layer the span of the 10 class rows) has the same law as the exact SVD truncated "
+            "at torch.linalg.matrix_rank's tolerance, without any SVD.",
+            (W_PERP_RANK,),
+        ),
         _W_PERP_NOTE,
     ),
     quick=Preset(seeds=1, note="one seed."),
@@ -322,9 +330,12 @@ TABLE4_EXPERIMENT = Experiment(
         "Time: training time of the run (final.json wall_seconds: the optimisation steps, "
         "without the per-epoch evaluation); the paper's is an M1 Pro laptop with MPS and "
         "the SVD on its CPU. Beside each time: the paper's, and ours as a multiple of it.",
-        "W̃⊥ (k=10, SVD) is the paper's construction (one exact SVD per example); "
-        "W̃⊥ (k=10) is the same guess with the fast solver; both are compared with the "
-        "paper's W̃⊥ row.",
+        Note(
+            "W̃⊥ (k=10, SVD) is the paper's construction (one exact SVD per example); "
+            "W̃⊥ (k=10) is the same guess with the fast solver; both are compared with the "
+            "paper's W̃⊥ row.",
+            (W_PERP_SVD,),
+        ),
         _W_PERP_NOTE,
     ),
     quick=Preset(

@@ -438,7 +438,7 @@ def render_markdown(
         lines.append("")
     for fig in figures:
         lines += [f"![{experiment.name}]({fig})", ""]
-    all_notes = list(experiment.notes) + list(notes)
+    all_notes = experiment.note_texts() + list(notes)
     if all_notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in all_notes] + [""]
     return "\n".join(lines)
@@ -462,7 +462,7 @@ def summarize(
         "epochs": epochs,
         "cells": [r.as_dict() for r in results],
         "unfinished": [u.as_dict() for u in unfinished],
-        "notes": list(experiment.notes) + list(notes),
+        "notes": experiment.note_texts() + list(notes),
         "figures": list(figures),
         "version": __version__,
     }

@@ -32,6 +32,7 @@ __all__ = [
     "OverlapFigure",
     "TradeoffFigure",
     "Experiment",
+    "Note",
     "PAPER_EPOCHS",
 ]
 
@@ -233,6 +234,15 @@ class Preset:
 
 
 @dataclass(frozen=True)
+class Note:
+    """A note about some of an experiment's methods: shown only while the experiment, as a
+    preset or ``--methods`` narrows it, trains or measures one of ``methods``."""
+
+    text: str
+    methods: tuple[Method, ...]
+
+
+@dataclass(frozen=True)
 class Experiment:
     """A paper experiment: table cells, figures, fixed notes, default seeds and epochs.
 
@@ -246,11 +256,20 @@ class Experiment:
     cells: tuple[Cell, ...]
     row_header: str = ""
     figures: tuple[Figure, ...] = ()
-    notes: tuple[str, ...] = ()
+    notes: tuple[str | Note, ...] = ()
     seeds: int = 3
     epochs: int = PAPER_EPOCHS
     quick: Preset | None = None
     palette: tuple[str, ...] = ()
+
+    def note_texts(self) -> list[str]:
+        """The notes that concern the experiment's cells (see :class:`Note`)."""
+        used = set(self.methods())
+        return [
+            n if isinstance(n, str) else n.text
+            for n in self.notes
+            if isinstance(n, str) or used.intersection(n.methods)
+        ]
 
     def colors(self) -> dict[str, str]:
         """Each method label's matplotlib colour (``"C0"``, ``"C1"``, …) in every figure."""
