@@ -34,6 +34,46 @@ def test_device_record_benches_and_respects_its_budget(tmp_path):
     assert not (store / "runs").exists() and not (out / "store.tar.gz").exists()
 
 
+def test_device_record_estimates_runs_and_summarises_the_target(tmp_path):
+    """A run is estimated from its own width's step time, else from another width's scaled by
+    width² with a margin, else not at all; summary.json holds the target's ratio."""
+    import torch
+
+    from guessgrad.experiments.paper import TABLE4_EXPERIMENT
+    from guessgrad.experiments.runner import RunStore, plan
+    from guessgrad.files import atomic_write_json
+
+    path = ROOT / "scripts" / "device_record.py"
+    spec = importlib.util.spec_from_file_location("device_record", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    times = {("w-perp", 128): 0.01, ("w-perp", 512): 0.05}
+    assert module._step_estimate(times, "w-perp", 512) == 0.05
+    assert module._step_estimate({("w-perp", 128): 0.01}, "w-perp", 512) == pytest.approx(0.24)
+    assert module._step_estimate(times, "w-perp-ns", 512) is None
+    assert module.run_seconds(0.1, 2400, 300) == pytest.approx(242.4 + 15 + 10)
+    tasks = {
+        (t.config.method, t.config.width, t.config.seed): t
+        for t in plan(TABLE4_EXPERIMENT, seeds=(0,), epochs=300, device="cpu")
+        if t.config.options.get("solver") != "svd"
+    }
+    store = RunStore(tmp_path / "store")
+    for key, seconds in ((("w-perp", 512, 0), 90.0), (("w-transpose", 512, 0), 60.0)):
+        config = tasks[key].config
+        atomic_write_json(
+            store.run_dir(config) / "final.json",
+            {"config": config.to_dict(), "steps": 2400, "wall_seconds": seconds,
+             "train_accuracy": 0.5, "test_accuracy": 0.4},
+        )  # fmt: skip
+    module.write_summary(store, tasks, torch.device("cpu"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["w512_wperp_over_wtranspose"] == 1.5 and summary["card"] is None
+    assert {(r["method"], r["width"]) for r in summary["runs"]} == {
+        ("w-perp", 512),
+        ("w-transpose", 512),
+    }
+
+
 def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
     run = tmp_path / "run"
     argv = ["train", "--method", "w-perp", "--width", "16", "--epochs", "1", "--quiet"]
