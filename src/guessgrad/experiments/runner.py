@@ -351,8 +351,9 @@ def run_tasks(
         ("measuring", "task", [t for t in tasks if t.kind == "probe"]),
     )
     todo = [(name, unit, [t for t in group if not t.done(store)]) for name, unit, group in phases]
+    pending = {id(t) for t in todo[0][2]}
     for task in phases[0][2]:  # finished runs: what a killed writer left there goes
-        if task.done(store):
+        if id(task) not in pending:
             tidy_finished(store.run_dir(task.config))
     if any(group for _, _, group in todo):
         _data()  # generate the data set once, before any worker needs it
