@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -650,6 +651,46 @@ def test_a_signal_to_the_sweep_stops_its_workers(tmp_path: Path, signame: str) -
     for pid in left:  # never leave a stray worker behind, even when the check fails
         os.kill(int(pid), signal.SIGKILL)
     assert not left
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_worker_stops_on_sigterm_as_train_does(tmp_path: Path) -> None:
+    """The sweep stops its workers with SIGTERM: a worker stops as ``train`` does on it
+    (status 143, the last epoch's checkpoint kept, no temporary left), not killed outright
+    (status -15) wherever it stood, possibly in the middle of writing a file."""
+    import multiprocessing as mp
+    import queue
+    import time
+
+    from guessgrad.experiments import Cell, Experiment, method, plan
+
+    bp = method("backprop", "backprop")
+    cell = Cell(row="8", col="bp", run=bp, width=8, quantity="train_accuracy")
+    exp = Experiment(name="long", title="long", cells=(cell,), seeds=1, epochs=100000)
+    (task,) = plan(exp, seeds=[0], epochs=100000)
+    ctx = mp.get_context("spawn")
+    tasks, events = ctx.Queue(), ctx.Queue()
+    tasks.put((0, task))
+    proc = ctx.Process(target=runner._worker, args=(0, tasks, events, str(tmp_path), 1))
+    proc.start()
+    try:
+        deadline, epochs = time.monotonic() + 120, 0
+        while epochs < 2:
+            assert time.monotonic() < deadline and proc.is_alive()
+            try:
+                epochs += events.get(timeout=1.0)[0] == "epoch"
+            except queue.Empty:
+                pass
+        proc.terminate()
+        proc.join(timeout=60)
+        assert proc.exitcode == 143
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    (run,) = tmp_path.glob("runs/*")
+    assert (run / "checkpoint.pt").exists() and not (run / "final.json").exists()
+    assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
 
 
 @pytest.mark.parametrize(

@@ -275,8 +275,12 @@ def _worker(wid: int, tasks: Any, events: Any, root: str, threads: int) -> None:
 
     A worker whose sweep process has died (killed with SIGKILL, or by the out-of-memory
     killer, so that it could not stop its workers) stops too: it checks between tasks and after
-    every epoch (whose checkpoint is then written), and leaves the rest to the next sweep."""
+    every epoch (whose checkpoint is then written), and leaves the rest to the next sweep.
+    The sweep stops its workers with SIGTERM, which a worker takes as ``train`` does
+    (:class:`Terminated`): a file being written is not left behind half-written as a
+    temporary, and the worker exits with status 143."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     plain_warnings()
     # the sweep's process has said it, once
     warnings.filterwarnings("ignore", message="could not write the MNIST-1D cache")
