@@ -33,6 +33,9 @@ TEST_OPTIONS: dict[str, list[dict[str, Any]]] = {
         {"k": "rank", "solver": "subspace"},
     ],
     "w-perp-bottom": [{"k": 3}],
+    # k = 3: a proper top-k subspace at every layer of the test network (the default k = 10
+    # spans the whole row space of each W̃ there)
+    "w-perp-ns": [{}, {"k": 3}],
 }
 
 #: widths of the default test network: a tall W̃ (12 × 8) at layer 0, a wide one (6 × 12)

@@ -119,7 +119,9 @@ def test_cov_norm_matches_its_definition(model, batch):
 
 def test_bias_and_variance_exact_match_their_formulas(forward_case, model, batch):
     """bias = ‖mean_b (C_b − I) g_b‖ and variance_exact = ‖mean_b E(g_b − ĝ_b)^∘2 − bias^∘2‖
-    with E(g − ĝ)^∘2 = (Σ_j g_jᵀC_jg_j) diag C + 2 (Cg)^∘2 − 2 g∘Cg + g^∘2."""
+    with E(g − ĝ)^∘2 = (Σ_j g_jᵀC_jg_j) diag C + 2 (Cg)^∘2 − 2 g∘Cg + g^∘2.  This pins
+    diagnose to the formula, written out again here from the same covariances; that the
+    formula is the law of the draws is test_montecarlo's ``test_second_moment_law``."""
     x, y = batch
     layers = guessgrad.linear_layers(model)
     est = forward_case.make()
@@ -151,10 +153,13 @@ def test_unbiased_methods_have_zero_bias(model, batch):
     assert all(rec.bias > 1e-4 for rec in w_t)
 
 
-def test_overlap(model, batch):
+@pytest.mark.parametrize("inactive", [None, 1])
+def test_overlap(model, make_batch, inactive):
     """1 when k ≥ rank(W̃_b) (the gradient lies in the row space); otherwise the mean of
-    ‖V_kᵀ g_b‖²/‖g_b‖² from the float64 SVD, over examples with g_b ≠ 0."""
-    x, y = batch
+    ‖V_kᵀ g_b‖²/‖g_b‖² from the float64 SVD, over examples with g_b ≠ 0 (with ``inactive``,
+    example 1 has none at the first hidden layer: it is left out of that mean, not counted
+    as 0 or NaN)."""
+    x, y = make_batch(model, 5, seed=1, inactive=inactive)
     layers = guessgrad.linear_layers(model)
     est = guessgrad.make_estimator("w-perp", k=12)
     for rec in guessgrad.diagnose(model, x, y, est, samples=1, generator=seeded(0)):
@@ -165,15 +170,19 @@ def test_overlap(model, batch):
         model, x, y, guessgrad.make_estimator("w-perp", k=2), samples=1, generator=seeded(0)
     )
     h = x
-    for rec, layer, nxt, gi in zip(records, layers[:-1], layers[1:], g):
+    for i, (rec, layer, nxt, gi) in enumerate(zip(records, layers[:-1], layers[1:], g)):
         s = layer(h).detach()
         wt = nxt.weight.detach().unsqueeze(0) * (s > 0).to(F64).unsqueeze(1)
         v = torch.linalg.svd(wt, full_matrices=False)[2][:, :2]
-        ratio = (v @ gi.unsqueeze(-1)).squeeze(-1).square().sum(1) / gi.square().sum(1)
         alive = gi.square().sum(1) > 0
-        assert rec.overlap == pytest.approx(float(ratio[alive].mean()), rel=1e-10)
+        assert bool(alive.all()) == (inactive is None or i > 0)  # the case is reached
+        captured = (v @ gi.unsqueeze(-1)).squeeze(-1).square().sum(1)
+        ratio = captured[alive] / gi[alive].square().sum(1)
+        assert rec.overlap == pytest.approx(float(ratio.mean()), rel=1e-10)
         assert 0 < rec.overlap < 1
         h = F.relu(s)
+    if inactive is not None:
+        return
     # the estimator's k is the default; otherwise 10, or the k given
     ap = guessgrad.diagnose(
         model,
@@ -259,14 +268,18 @@ def test_diagnose_cosine(model, batch):
     for rec, expected in zip(wp, cosines / 2):
         assert rec.cosine == pytest.approx(float(expected), rel=1e-10) and rec.bias is None
 
+    # a forward gradient: the mean cosine of three draws, made again from the same generator
     est = guessgrad.make_estimator("w-transpose")
-    records = guessgrad.diagnose(model, x, y, est, samples=1, generator=seeded(5))
+    records = guessgrad.diagnose(model, x, y, est, samples=3, generator=seeded(5))
+    gen, expected = seeded(5), torch.zeros(len(records), dtype=F64)
     with torch.no_grad():
-        tp = guessgrad.make_estimator("w-transpose").tangent_pass(layers, x, y, generator=seeded(5))
-    for rec, site, v, wt in zip(records, tp.sites, tp.injected, w_true):
-        w_hat = (tp.d.unsqueeze(1) * v).T @ site.x
-        expected = F.cosine_similarity(w_hat.flatten(), wt.flatten(), dim=0)
-        assert rec.cosine == pytest.approx(float(expected), rel=1e-10)
+        for _ in range(3):
+            tp = guessgrad.make_estimator("w-transpose").tangent_pass(layers, x, y, generator=gen)
+            for i, (site, v, wt) in enumerate(zip(tp.sites, tp.injected, w_true[: len(records)])):
+                w_hat = (tp.d.unsqueeze(1) * v).T @ site.x
+                expected[i] += F.cosine_similarity(w_hat.flatten(), wt.flatten(), dim=0) / 3
+    for rec, cosine in zip(records, expected):
+        assert rec.cosine == pytest.approx(float(cosine), rel=1e-10)
 
 
 def test_diagnose_records(model, batch):

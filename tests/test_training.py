@@ -182,6 +182,38 @@ def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Pat
         assert torch.equal(tensor, ref_weights[name]), name
 
 
+def test_a_metrics_line_without_its_checkpoint_is_dropped_on_resuming(
+    data: MNIST1D, tmp_path: Path, monkeypatch
+) -> None:
+    """A run killed after epoch 3's line reached metrics.jsonl but before epoch 3's checkpoint
+    resumes from epoch 2's checkpoint: the line is dropped, not kept beside the epoch trained
+    again (the file then reads as the uninterrupted run's)."""
+    import guessgrad.training as training
+
+    config = _config(epochs=4)
+    train(config, out_dir=tmp_path / "ref", data=data)
+    real = training._save_checkpoint
+
+    def killed(path, config, model, optimizer, estimator, order, guess, epoch, *rest):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real(path, config, model, optimizer, estimator, order, guess, epoch, *rest)
+
+    monkeypatch.setattr(training, "_save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, out_dir=tmp_path / "run", data=data)
+    assert [m["epoch"] for m in _metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    monkeypatch.setattr(training, "_save_checkpoint", real)
+    train(config, out_dir=tmp_path / "run", data=data)
+
+    def timeless(path: Path) -> list[dict]:
+        return [{k: v for k, v in m.items() if k != "wall_seconds"} for m in _metrics(path)]
+
+    assert timeless(tmp_path / "run" / "metrics.jsonl") == timeless(
+        tmp_path / "ref" / "metrics.jsonl"
+    )
+
+
 def test_a_resumed_run_records_each_session_and_warns_of_other_code(
     data: MNIST1D, tmp_path: Path, monkeypatch
 ) -> None:

@@ -294,6 +294,15 @@ def test_sample_covariance_converges(name):
     assert float(((sample_cov - cov).abs() - 5 * se).max()) <= 1e-12
     # the test has power: the standard errors are small next to C
     assert float(se.max()) < 0.05 * float(diag.max())
+    # and the scale: E‖y_b‖² = tr C_b, Var ‖y_b‖² = 2 tr C_b² (Gaussian y), pooled over
+    # examples, tells C from 0.93 C and 1.07 C, which the entries alone (5 standard errors of
+    # up to 9% on the diagonal) would not
+    total = float(diag.sum())
+    mean = float(y.square().sum(-1).sum(-1).mean())  # Σ_b ‖y_b‖² per draw, averaged
+    se_total = (2 * float(cov.square().sum()) / reps) ** 0.5
+    assert abs(mean - total) <= 5 * se_total
+    for scale in (0.93, 1.07):
+        assert abs(mean - scale * total) > 5 * se_total, scale
 
 
 def test_exact_top_k_on_active_columns_is_the_dense_svd():
@@ -381,6 +390,27 @@ def test_warm_start_follows_the_model_to_another_dtype():
     assert all(layer["start"].dtype == torch.float64 for layer in est.state.values() if layer)
     for p in model64.parameters():
         assert p.grad.dtype == torch.float64 and bool(torch.isfinite(p.grad).all())
+
+
+def test_newton_schulz_ratio_is_refreshed_every_refresh_steps():
+    """Paper §2.6: σ_k/σ_1 is measured on the first step and then every ``refresh`` steps; in
+    between, the last measured ratio is kept whatever the weights do (each step here brings a
+    Jacobian of another spectrum)."""
+    refresh, k = 3, 4
+    guess, state = WPerpGuess(k, solver="newton-schulz", refresh=refresh), {}
+    sites = []
+    for seed in range(7):
+        site = random_site(24, 30, 4, seed=seed)
+        weight = site.jacobian.weight.clone()
+        weight[:, : 2 * seed] *= 5.0  # a steeper spectrum at every step
+        sites.append(make_site(weight, site.s))
+    measured = [sigma_ratio(site.jacobian.dense()[0], k) for site in sites]
+    assert len({round(r, 9) for r in measured}) == len(measured)  # each step's ratio differs
+    for step, site in enumerate(sites):
+        guess.sample(site, state, generator=seeded(step))
+        assert state["ns_steps"] == step + 1
+        expected = measured[step - step % refresh]  # steps 0, 0, 0, 3, 3, 3, 6
+        assert state["sigma_ratio"] == pytest.approx(expected, rel=1e-12), step
 
 
 def test_w_perp_takes_the_newton_schulz_refresh():
