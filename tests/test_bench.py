@@ -10,6 +10,7 @@ import torch
 
 from guessgrad import MLP, make_estimator
 from guessgrad.bench import (
+    BenchRecord,
     bench_methods,
     bench_units,
     layer_fidelities,
@@ -47,6 +48,39 @@ def test_bench_methods_records():
     assert "| w-perp:k=3 | subspace |" in table and "× w-transpose" in table
 
 
+def test_bench_table_rows_and_ratios():
+    """Each row: milliseconds, the time ratios to w-transpose and to backprop (in that
+    order), MiB, the memory ratio to w-transpose; "–" where a figure or its base is absent."""
+
+    def record(method, seconds, iqr, mib, fidelity=None):
+        return BenchRecord(
+            method=method,
+            solver="subspace" if fidelity is not None else None,
+            width=8,
+            batch_size=4,
+            device="cpu",
+            step_seconds_median=seconds,
+            step_seconds_iqr=iqr,
+            peak_memory_bytes=None if mib is None else int(mib * 2**20),
+            fidelity=fidelity,
+            depth=3,
+            threads=1,
+            torch="x",
+        )
+
+    records = [
+        record("backprop", 0.001, 0.0001, 1.0),
+        record("w-transpose", 0.002, 0.0002, 4.0),
+        record("w-perp", 0.010, 0.001, 6.0, fidelity=0.98765),
+    ]
+    lines = markdown(records).splitlines()
+    assert lines[2] == "| backprop | – | 1.00 | 0.10 | 0.50 | 1.00 | 1.0 | 0.25 | – |"
+    assert lines[3] == "| w-transpose | – | 2.00 | 0.20 | 1.00 | 2.00 | 4.0 | 1.00 | – |"
+    assert lines[4] == "| w-perp | subspace | 10.00 | 1.00 | 5.00 | 10.00 | 6.0 | 1.50 | 0.9877 |"
+    alone = markdown([record("w-perp", 0.010, 0.001, None, fidelity=0.5)]).splitlines()
+    assert alone[2] == "| w-perp | subspace | 10.00 | 1.00 | – | – | – | – | 0.5000 |"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU memory read from /proc")
 def test_bench_cpu_memory_is_measured_in_a_child():
     (record,) = bench_methods(["w-transpose"], **{**SETTINGS, "width": 256, "batch_size": 256})
@@ -54,6 +88,9 @@ def test_bench_cpu_memory_is_measured_in_a_child():
     # guesses, tangents): more than glibc's free heap space can hold, so each is a mapping of
     # its own and counted (tensors of a few tens of KiB may not be: see the module docstring)
     assert record.peak_memory_bytes is not None and record.peak_memory_bytes >= 4 * 2**18
+    # and it is the step's own: the process's resident set (the interpreter and PyTorch,
+    # hundreds of MiB) is not counted
+    assert record.peak_memory_bytes < 64 * 2**20
 
 
 def test_bench_cli_json(capsys):
@@ -126,12 +163,13 @@ def test_layer_fidelities_per_hidden_layer_and_state_untouched():
 
 
 def test_bench_median_and_iqr_are_those_of_the_timed_steps(monkeypatch):
-    """Step times 1, 2, …, 5 s (a faked clock): median 3 s, quartiles 2 and 4 s, IQR 2 s —
-    within the sample's range, never extrapolated beyond it."""
+    """Step times 1, 1, 1, 2 and 10 s (a faked clock; skewed, so that the mean, 3 s, and the
+    range, 9 s, differ from them): median 1 s, quartiles 1 and 2 s, IQR 1 s — within the
+    sample's range, never extrapolated beyond it."""
     import guessgrad.bench as bench
 
     ticks = iter(range(10_000))
-    durations = iter([1.0, 2.0, 3.0, 4.0, 5.0])
+    durations = iter([1.0, 10.0, 1.0, 2.0, 1.0])
     now = [0.0]
 
     def clock() -> float:
@@ -141,5 +179,5 @@ def test_bench_median_and_iqr_are_those_of_the_timed_steps(monkeypatch):
 
     monkeypatch.setattr(bench.time, "perf_counter", clock)
     (record,) = bench_methods(["backprop"], memory=False, **{**SETTINGS, "steps": 5})
-    assert record.step_seconds_median == 3.0
-    assert record.step_seconds_iqr == 2.0
+    assert record.step_seconds_median == 1.0
+    assert record.step_seconds_iqr == 1.0

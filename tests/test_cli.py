@@ -175,6 +175,7 @@ def test_train_reads_a_finished_run_in_a_read_only_folder(
         (["train", "--device", "tpu"], "unknown device 'tpu'"),
         (["reproduce", "table9"], "unknown experiment 'table9'"),
         (["reproduce", "table3", "--seeds", "0,0"], "expected distinct seeds, integers in"),
+        (["reproduce", "table3", "--seeds=0,-1"], "integers in [0, 2**62], got '0,-1'"),
         (["report", "table3", "--seeds", f"0,{2**62 + 1}"], "integers in [0, 2**62], got '0,"),
         (["reproduce", "table3", "--widths", "7"], "no width 7 in table3; its widths: 64, 128"),
         # one width of two unknown: refused, not a quietly narrower table
@@ -201,6 +202,30 @@ def test_bad_input_is_one_line_and_status_2(argv: list[str], says: str, capsys) 
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "error" in err and says in err, err
+
+
+def test_reproduce_says_which_run_failed_and_exits_1(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A run that fails does not stop the sweep, which ends with status 1 and a line naming
+    the run, the error and its log; once the run succeeds, the log of the failure goes."""
+    argv = ["reproduce", "table3", "--widths", "64", "--methods", "w-transpose,backprop"]
+    argv += ["--epochs", "1", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]
+    real = runner.train
+
+    def broken(config, **kwargs):
+        if config.method == "w-transpose":
+            raise RuntimeError("boom")
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(runner, "train", broken)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "w-transpose-w64-d3-e1-s0"
+    assert f"RuntimeError: boom (details in {run / 'error.log'})" in err
+    assert "boom" in (run / "error.log").read_text()
+    assert (tmp_path / "runs" / "backprop-w64-d3-e1-s0" / "final.json").exists()  # went on
+    monkeypatch.setattr(runner, "train", real)
+    assert main(argv) == 0
+    assert (run / "final.json").exists() and not (run / "error.log").exists()
 
 
 def test_reproduce_then_report_from_the_store(tmp_path: Path, capsys, monkeypatch) -> None:

@@ -141,6 +141,21 @@ def test_generator_called_once_then_cached(monkeypatch, tmp_path):
     monkeypatch.setattr(loader, "_package_version", lambda: "99.0")
     guessgrad.data.mnist1d()
     assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2
+    # and other generator arguments (another seed, say) too
+    import mnist1d.data
+
+    real_args = mnist1d.data.get_dataset_args
+
+    def other_seed(*args, **kwargs):
+        out = real_args(*args, **kwargs)
+        if isinstance(out, dict):
+            return {**out, "seed": out["seed"] + 1}
+        out.seed += 1
+        return out
+
+    monkeypatch.setattr(mnist1d.data, "get_dataset_args", other_seed)
+    guessgrad.data.mnist1d()
+    assert len(calls) == 3 and len(list(tmp_path.iterdir())) == 3
 
 
 def test_no_cache_never_touches_disk(monkeypatch, tmp_path):
