@@ -512,6 +512,41 @@ def test_report_renders_stored_runs_without_training(tmp_path: Path, monkeypatch
     assert (tmp_path / "table3" / "fig2.png").stat().st_size > 0
 
 
+def test_report_marks_the_cells_that_differ_from_the_paper(tmp_path: Path) -> None:
+    """An accuracy more than 0.03, or more than two standard deviations over seeds, from the
+    paper's is marked †, with a note saying so; summary.json has the flag."""
+    exp = EXPERIMENTS["table3"].restrict((64,))
+    cells = {c.col: c for c in exp.cells if c.section == "" and c.quantity == "train_accuracy"}
+    stored = {
+        "W̃ᵀ": (0.266, 0.272),  # paper 0.268: +0.001, std 0.004: agrees
+        "W̃⊥ (k=10)": (0.278, 0.280),  # paper 0.268: +0.011 < 0.03, but 7 std
+        "backprop": (0.50, 0.60),  # paper 0.536: +0.014, std 0.071: agrees
+        "act. pert.": (0.24, 0.24),  # paper 0.201: +0.039 > 0.03
+    }
+    for col, values in stored.items():
+        for seed, acc in enumerate(values):
+            _store_final(tmp_path, cells[col], seed, 300, train_accuracy=acc)
+    markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
+    row = next(line for line in markdown.splitlines() if line.startswith("| 64 |"))  # train
+    assert "0.269 ± 0.004 (0.268, +0.001) |" in row
+    assert "0.279 ± 0.001 (0.268, +0.011) † |" in row
+    assert "0.550 ± 0.071 (0.536, +0.014) |" in row
+    assert "0.240 ± 0.000 (0.201, +0.039) † |" in row
+    assert (
+        "† differs from the paper by more than 2 standard deviations over seeds or by more "
+        "than 0.03." in markdown
+    )
+    summary = json.loads((tmp_path / "table3" / "summary.json").read_text())
+    flags = {c["col"]: c["flag"] for c in summary["cells"] if c["section"] == ""}
+    assert flags == {
+        "weight pert.": None,  # not computed: nothing to compare
+        "act. pert.": True,
+        "W̃ᵀ": False,
+        "W̃⊥ (k=10)": True,
+        "backprop": False,
+    }
+
+
 def test_report_with_a_diverged_seed_still_writes_its_table(tmp_path: Path) -> None:
     """A seed whose loss went to NaN (training goes on after a warning) or whose measurement
     is infinite gives NaN in its cell and band, instead of stopping the report."""

@@ -61,6 +61,14 @@ _STYLE: dict[str, tuple[str, str]] = {
 }
 
 
+#: an accuracy cell is marked (FLAG_MARK) where it differs from the paper's by more than
+#: FLAG_STDS standard deviations over seeds or by more than FLAG_ACCURACY
+FLAGGED_QUANTITIES = ("train_accuracy", "test_accuracy")
+FLAG_STDS = 2.0
+FLAG_ACCURACY = 0.03
+FLAG_MARK = "†"
+
+
 @dataclass
 class CellResult:
     """A cell's values, one per seed (``None`` where the run or measurement is missing)."""
@@ -94,6 +102,16 @@ class CellResult:
             return None
         return self.mean / self.cell.paper
 
+    @property
+    def flagged(self) -> bool | None:
+        """For an accuracy beside the paper's: whether the mean differs from it by more than
+        ``FLAG_STDS`` standard deviations over seeds, or by more than ``FLAG_ACCURACY`` (the
+        cells ``docs/results.md`` accounts for); ``None`` where there is nothing to compare."""
+        if self.cell.quantity not in FLAGGED_QUANTITIES or self.diff is None:
+            return None
+        gap = abs(self.diff)
+        return gap > FLAG_ACCURACY or (self.std is not None and gap > FLAG_STDS * self.std)
+
     def as_dict(self) -> dict[str, Any]:
         c = self.cell
         return {
@@ -123,6 +141,7 @@ class CellResult:
             "paper": c.paper,
             "diff": self.diff,
             "ratio": self.ratio,
+            "flag": self.flagged,
             "unavailable": self.unavailable or None,
         }
 
@@ -198,6 +217,8 @@ def _fmt_cell(r: CellResult) -> str:
         if how == "diff" and q == "rank_mean":
             comp = f"{r.diff:+.1f}"
         text += f" ({_fmt(q, r.cell.paper)}, {comp})"
+    if r.flagged:
+        text += f" {FLAG_MARK}"
     return text
 
 
@@ -783,6 +804,11 @@ def report(
             f"These runs trained {epochs} epochs, the paper's {PAPER_EPOCHS}: its accuracies, "
             "times and measurements on final weights are not comparable with them, nor the "
             "differences beside them."
+        )
+    if any(r.flagged for r in results):
+        notes.append(
+            f"{FLAG_MARK} differs from the paper by more than {FLAG_STDS:g} standard deviations "
+            f"over seeds or by more than {FLAG_ACCURACY:g}."
         )
     damaged = damaged_runs(experiment, store, seeds, epochs)
     if damaged:
