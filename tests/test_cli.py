@@ -506,6 +506,42 @@ def test_train_notes_settings_that_do_not_mean_what_they_seem(tmp_path: Path, ca
     assert "note: batch size 5000 > 4000 training examples" in err
     assert main([*args[:2], "w-transpose", *args[3:], "--out", str(tmp_path / "b")]) == 0
     assert "note:" not in capsys.readouterr().err
+    # the k note's boundary: k = width spans the row space, k = width − 1 need not
+    assert main([*args, "--k", "8", "--out", str(tmp_path / "c")]) == 0
+    assert "note: k = 8 >= width 8" in capsys.readouterr().err
+    assert main([*args, "--k", "7", "--out", str(tmp_path / "d")]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_train_defaults_are_the_papers_and_every_option_reaches_the_run(
+    tmp_path: Path,
+) -> None:
+    """Paper §4: width 128, depth 3, 300 epochs, Adam(W) at lr 1e-4, batch 512, weight decay
+    0.01, seed 0; each option given on the command line is the run's, in config.json."""
+    from guessgrad.cli import build_parser
+
+    args = build_parser().parse_args(["train"])
+    assert (args.width, args.depth, args.epochs, args.seed) == (128, 3, 300, 0)
+    assert (args.lr, args.batch_size, args.weight_decay) == (1e-4, 512, 0.01)
+    assert args.method == "w-perp"
+    out = tmp_path / "run"
+    argv = ["train", "--method", "w-transpose", "--width", "6", "--depth", "2", "--epochs", "1"]
+    argv += ["--lr", "3e-4", "--batch-size", "700", "--weight-decay", "0.05", "--seed", "4"]
+    assert main([*argv, "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config == {
+        "method": "w-transpose",
+        "width": 6,
+        "depth": 2,
+        "epochs": 1,
+        "lr": 3e-4,
+        "batch_size": 700,
+        "weight_decay": 0.05,
+        "seed": 4,
+        "device": "cpu",
+        "options": {},
+    }
+    assert json.loads((out / "final.json").read_text())["steps"] == 6  # 4000 / 700, rounded up
 
 
 @pytest.mark.parametrize(

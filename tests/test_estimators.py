@@ -560,7 +560,12 @@ def bad_models():
             TypeError,
             "must all be float32 or all float64",
         ),
-        ("half", nn.Sequential(nn.Linear(10, 4)).half(), TypeError, "float16"),
+        (
+            "half",
+            nn.Sequential(nn.Linear(10, 4)).half(),
+            TypeError,
+            "must all be float32 or all float64",
+        ),
     ]
 
 
