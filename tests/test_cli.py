@@ -404,6 +404,47 @@ def test_diagnose_prints_one_row_per_hidden_layer(tmp_path: Path, capsys) -> Non
     assert [r["layer"] for r in record["layers"]] == [0, 1, 2]  # the library's index
 
 
+def test_diagnose_prints_the_librarys_statistics(capsys) -> None:
+    """``guessgrad diagnose`` prints, row by row and column by column, what
+    ``guessgrad.diagnose`` gives for the same initial weights (seed), batch, number of
+    guesses and k, with the guesses drawn from that seed."""
+    import torch
+
+    import guessgrad
+    from guessgrad.config import TrainConfig
+    from guessgrad.training import initial_model
+
+    argv = ["diagnose", "--method", "w-transpose", "--width", "8", "--batch", "32"]
+    argv += ["--samples", "3", "--overlap-k", "2", "--seed", "5", "--device", "cpu"]
+    data = guessgrad.data.mnist1d()
+    model = initial_model(TrainConfig(method="w-transpose", width=8, seed=5), 40, 10)
+    records = guessgrad.diagnose(
+        model,
+        data.x_train[:32],
+        data.y_train[:32],
+        guessgrad.make_estimator("w-transpose"),
+        samples=3,
+        k=2,
+        generator=torch.Generator().manual_seed(5),
+    )
+    assert main([*argv, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["layers"]
+    assert printed == [json.loads(json.dumps(r.as_dict())) for r in records]
+    assert main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    for row, r in zip(rows[1:], records, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells == [
+            str(r.layer + 1),
+            f"{r.bias:.3e}",
+            f"{r.variance:.3e}",
+            f"{r.variance_exact:.3e}",
+            f"{r.cov_norm:.4f}",
+            f"{r.overlap:.3f} (k=2)",
+            f"{r.cosine:.4f}",
+        ]
+
+
 def test_diagnose_takes_the_shape_from_the_weights(tmp_path: Path, capsys) -> None:
     """Width and depth come from the stored weights (a finished run's model.pt, an unfinished
     one's checkpoint.pt); a --width that contradicts them, or a file that holds no weights,

@@ -67,3 +67,27 @@ def test_documented_commands_parse(doc: str, command: str) -> None:
             make_estimator(name, **options)
     elif args.command == "train":
         check_estimator(args.method, estimator_options(args))
+
+
+def test_the_newton_schulz_table_is_the_shipped_fit() -> None:
+    """docs/newton_schulz.md's table of the fitted sets, row by row, is the shipped JSON
+    rounded as printed: bands, errors and the coefficients a, b, c, d."""
+    import json
+
+    shipped = json.loads(
+        (ROOT / "src" / "guessgrad" / "solvers" / "ns_coefficients.json").read_text()
+    )["sets"]
+    text = (ROOT / "docs" / "newton_schulz.md").read_text()
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| 0.")
+    ]
+    assert len(rows) == len(shipped) == 9
+    for row, fit in zip(rows, shipped):
+        lo, hi = fit["band"]
+        assert row[0] == f"{fit['threshold']:g}"
+        assert row[1] == f"({lo:.2f}, {hi:.2f})"
+        assert row[2] == f"{fit['max_error_outside_band']:.2e}"
+        assert row[3] == f"{fit['rms_error_outside_band']:.2e}"
+        assert row[4:] == [f"{c:.5f}" for c in fit["coefficients"]]
