@@ -73,3 +73,51 @@ def test_train_lines_give_the_step_rate_and_none_from_a_single_resumed_step(caps
     resumed.on_epoch(line(3, 9.0))
     out = capsys.readouterr().err.splitlines()
     assert out[0].endswith("2.0 steps/s") and out[1].endswith("– steps/s")
+
+
+def _epoch_line(epoch: int) -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": 1.0,
+        "train_accuracy": 0.5,
+        "test_accuracy": 0.4,
+        "wall_seconds": float(epoch),
+    }
+
+
+def test_train_prints_about_twenty_lines_without_a_terminal(capsys) -> None:
+    """100 epochs: the first, then every fifth (a twentieth of the run), the last once."""
+    from guessgrad.cli.progress import TrainProgress
+
+    display = TrainProgress(100, 2, quiet=False, desc="run")
+    for epoch in range(1, 101):
+        display.on_epoch(_epoch_line(epoch))
+    display.close()
+    printed = [int(ln.split()[1].split("/")[0]) for ln in capsys.readouterr().err.splitlines()]
+    assert printed == [1, *range(5, 101, 5)]
+
+
+def test_train_on_a_terminal_shows_a_bar_at_the_run_s_epoch_and_quiet_shows_nothing(
+    capsys, monkeypatch
+) -> None:
+    """On a terminal, a bar of the run's epochs: a run resumed at epoch 40 stands at 41 after
+    its first epoch, not at 1; with ``quiet``, no bar and no line, terminal or not."""
+    from guessgrad.cli.progress import TrainProgress
+
+    monkeypatch.setattr(progress, "_is_terminal", lambda stream: True)
+    display = TrainProgress(100, 2, quiet=False, desc="run")
+    assert display.bar is not None
+    display.on_epoch(_epoch_line(41))
+    assert display.bar.n == 41
+    display.on_epoch(_epoch_line(42))
+    assert display.bar.n == 42
+    display.close()
+    capsys.readouterr()
+    for terminal in (True, False):
+        monkeypatch.setattr(progress, "_is_terminal", lambda stream, t=terminal: t)
+        quiet = TrainProgress(100, 2, quiet=True, desc="run")
+        assert quiet.bar is None
+        for epoch in (1, 5, 100):
+            quiet.on_epoch(_epoch_line(epoch))
+        quiet.close()
+    assert capsys.readouterr().err == ""
