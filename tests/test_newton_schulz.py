@@ -239,6 +239,20 @@ def test_polynomial_keeps_domain_invariant(table):
         assert float(ns_step_function(x, coeffs, 20).abs().max()) <= x_max + 1e-6
 
 
+def test_the_fitting_script_reproduces_a_shipped_set(table, doc):
+    """The script, run for one threshold (t = 0.6; each threshold's fit is its own), gives the
+    shipped coefficients and errors: the JSON is what the script makes."""
+    spec = importlib.util.spec_from_file_location("fit_ns_coefficients", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (fitted,) = script.fit((0.6,))
+    shipped = next(s for s in doc["sets"] if s["threshold"] == 0.6)
+    assert fitted["band"] == pytest.approx(shipped["band"], abs=1e-12)
+    assert fitted["coefficients"] == pytest.approx(shipped["coefficients"], rel=1e-6, abs=1e-6)
+    for key in ("max_error_outside_band", "rms_error_outside_band", "max_abs_p_on_domain"):
+        assert fitted[key] == pytest.approx(shipped[key], rel=1e-5), key
+
+
 def test_fit_jacobian_matches_autograd():
     """The fitting script's chain-rule Jacobian of p^j equals autograd's (float64)."""
     spec = importlib.util.spec_from_file_location("fit_ns_coefficients", SCRIPT)
