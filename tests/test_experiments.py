@@ -289,6 +289,8 @@ def test_interrupted_sweep_recomputes_nothing_finished(tmp_path: Path, monkeypat
         "train",
         lambda config, **kw: trained.append(config.slug()) or real_train(config, **kw),
     )
+    with open(store.run_dir(started[0].config) / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "train_lo')  # a line cut short: no epoch, in the count or the run
     recorder = _Recorder()
     outcomes = run_tasks(tasks, tmp_path, progress=recorder)
     assert all(t.done(store) for t in tasks)

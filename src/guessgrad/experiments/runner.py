@@ -315,8 +315,8 @@ def _worker(wid: int, tasks: Any, events: Any, root: str, threads: int) -> None:
 def _remaining_epochs(task: Task, store: RunStore) -> int:
     metrics = store.run_dir(task.config) / "metrics.jsonl"
     try:
-        with open(metrics) as f:
-            done = sum(1 for _ in f)
+        with open(metrics) as f:  # a line cut short (a power cut) counts no epoch
+            done = sum(1 for line in f if line.endswith("\n"))
     except OSError:
         done = 0
     return max(task.config.epochs - done, 0)
