@@ -71,15 +71,10 @@ def draws(case, model, x, y):
     return out
 
 
-_ALONE: dict[tuple[str, int], torch.Tensor] = {}
-
-
 def draws_alone(case, model, x, y, i):
     """ĝ_i for REPS draws per example with every other layer frozen, ``(R, B, d_{i+1})``: the
     frozen layers get no guess, so d_b = g_i·y_i carries no cross-layer noise and the mean is
-    resolved at each layer to a few percent (cached per case and layer)."""
-    if (case.id, i) in _ALONE:
-        return _ALONE[(case.id, i)]
+    resolved at each layer to a few percent."""
     alone = copy.deepcopy(model)
     layers = guessgrad.linear_layers(alone)
     for j, layer in enumerate(layers):
@@ -88,9 +83,7 @@ def draws_alone(case, model, x, y, i):
         result = case.make().tangent_pass(
             layers, x.repeat(REPS, 1), y.repeat(REPS), generator=seeded(2)
         )
-    g_hat = (REPS * result.d.unsqueeze(1) * result.injected[i]).view(REPS, x.shape[0], -1)
-    _ALONE[(case.id, i)] = g_hat
-    return g_hat
+    return (REPS * result.d.unsqueeze(1) * result.injected[i]).view(REPS, x.shape[0], -1)
 
 
 def mat_vec(c, v):
@@ -144,13 +137,19 @@ def test_mean_estimate_is_c_times_g(forward_case, mc_model, mc_batch):
         assert_within(g_hat, mat_vec(c, g), what=f"layer {i}")
     for scale in (0.85, 1.15):
         assert rejects((g_hat, scale * mat_vec(c, g)) for g_hat, c, g in layers), scale
+    scaled = []
     for i, (_, c, g) in enumerate(layers):
         alone = draws_alone(forward_case, mc_model, x, y, i)
         assert_within(alone, mat_vec(c, g), what=f"layer {i} alone")
         if float(mat_vec(c, g).norm()) <= 1e-6 * float(g.norm()):
-            continue  # C_i g_i ≈ 0 (the bottom subspace of layer 0 here): no scale to tell
+            # C_i g_i ≈ 0: no scale to tell (W̃⊥-bottom at every hidden layer here, where the
+            # gradient has no component in the bottom subspace)
+            continue
         for scale in (0.85, 1.15):
             assert rejects([(alone, scale * mat_vec(c, g))]), (i, scale)
+        scaled.append(i)
+    hidden = [i for i in scaled if i < len(layers) - 1]
+    assert hidden or forward_case.name == "w-perp-bottom", "no hidden layer's scale was told"
     name, k = forward_case.name, forward_case.options.get("k")
     if name == "activation-perturbation" or k == "rank":
         for c, g in zip(data["cov"], data["g"]):

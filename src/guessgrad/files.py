@@ -6,9 +6,10 @@ figures; not the metrics log, which gets a line appended per epoch and is cut ba
 :func:`atomic_path`: the content is written to a temporary file beside the destination,
 flushed to disk and renamed onto it (the folder is flushed too, so the rename survives a crash
 of the system), so a reader sees the old file or the whole new one.  A write that fails or is
-interrupted by an exception (Ctrl-C included) removes its temporary file; only a process
-killed by a signal (SIGKILL, or SIGTERM to a sweep's worker) can leave one, named
-``<name>.<random>.tmp``, which a resumed run removes from its folder.
+interrupted by an exception (Ctrl-C included, and SIGTERM, which ``train`` and a sweep's
+workers turn into one) removes its temporary file; only a process killed by a signal it cannot
+handle (SIGKILL) can leave one, named ``<name>.<random>.tmp``, which a resumed run removes
+from its folder.
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ def _worker(wid: int, tasks: Any, events: Any, root: str, threads: int) -> None:
     (:class:`Terminated`): a file being written is not left behind half-written as a
     temporary, and the worker exits with status 143."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGTERM, _exit_once_on_signal)
     plain_warnings()
     # the sweep's process has said it, once
     warnings.filterwarnings("ignore", message="could not write the MNIST-1D cache")
@@ -502,8 +502,8 @@ def _run_pool(
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         for proc in workers.values():
             proc.join(timeout=30)
-            if proc.is_alive():
-                proc.terminate()
+            if proc.is_alive():  # SIGTERM was not enough (a worker ignores a second one)
+                proc.kill()
     return outcomes
 
 
@@ -517,4 +517,11 @@ class Terminated(SystemExit):
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
+def _exit_once_on_signal(signum: int, _frame: Any) -> None:
+    # a worker may get SIGTERM twice (from a scheduler, to the whole process group, and from
+    # its sweep): the second must not interrupt the cleanup the first started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
