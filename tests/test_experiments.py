@@ -550,9 +550,7 @@ def test_report_marks_the_cells_that_differ_from_the_paper(tmp_path: Path) -> No
         "backprop": False,
     }
     # nothing to compare: a method not computed, or runs of other than the paper's 300 epochs
-    assert (
-        json.loads(json.dumps(report_module.CellResult(cells["W̃ᵀ"], [0], [None]).flagged)) is None
-    )
+    assert report_module.CellResult(cells["W̃ᵀ"], [0], [None]).flagged is None
     for col, values in stored.items():
         for seed, acc in enumerate(values):
             _store_final(tmp_path, cells[col], seed, 30, train_accuracy=acc)
