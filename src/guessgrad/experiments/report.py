@@ -114,9 +114,7 @@ class CellResult:
         printed digit (the cells ``docs/results.md`` accounts for); ``None`` where there is
         nothing to compare.  Differences are taken to 9 decimals, so that a gap of exactly
         0.03 between accuracies (k/N averaged over seeds) is not decided by rounding."""
-        if not self.comparable or self.cell.quantity not in FLAGGED_QUANTITIES:
-            return None
-        if self.diff is None:
+        if not self.comparable or self.cell.quantity not in FLAGGED_QUANTITIES or self.diff is None:
             return None
         gap = round(abs(self.diff), 9)
         spread = max(FLAG_STDS * self.std, FLAG_PRECISION) if self.std is not None else None
@@ -184,6 +182,7 @@ def collect(
 ) -> list[CellResult]:
     """Every cell's values from the store."""
     unavailable = unavailable or {}
+    comparable = epochs == PAPER_EPOCHS
     results = []
     for cell in experiment.cells:
         reason = unavailable.get(cell.run) or (
@@ -192,7 +191,6 @@ def collect(
             else None
         )
         values = [None if reason else _read_value(cell, store, s, epochs) for s in seeds]
-        comparable = epochs == PAPER_EPOCHS
         results.append(CellResult(cell, list(seeds), values, reason or "", comparable))
     return results
 
