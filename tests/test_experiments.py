@@ -853,6 +853,53 @@ def test_a_worker_stops_on_sigterm_as_train_does(tmp_path: Path) -> None:
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_worker_killed_mid_run_fails_that_run_alone(tmp_path: Path) -> None:
+    """A worker killed while training (``kill -9``, the out-of-memory killer) fails its run,
+    which keeps its checkpoint for the next sweep, and a new worker takes the tasks still
+    queued: with one worker, without that replacement they would fail too."""
+    import multiprocessing as mp
+    import os
+    import signal
+    import threading
+    import time
+
+    from guessgrad.experiments import Cell, Experiment, method, plan
+
+    bp = method("backprop", "backprop")
+    cell = Cell(row="8", col="bp", run=bp, width=8, quantity="train_accuracy")
+    exp = Experiment(name="w", title="w", cells=(cell,), seeds=2, epochs=1)
+    (long,) = plan(exp, seeds=[0], epochs=100000)
+    short = plan(exp, seeds=[1, 2], epochs=1)
+    store = RunStore(tmp_path)
+    result: list = []
+    sweep = threading.Thread(
+        target=lambda: result.append(runner._run_pool([long, *short], store, 1, 1, None, False))
+    )
+    sweep.start()
+    try:
+        metrics = store.run_dir(long.config) / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and sweep.is_alive()
+            time.sleep(0.1)
+        (worker,) = mp.active_children()
+        os.kill(worker.pid, signal.SIGKILL)
+        sweep.join(timeout=120)
+        assert not sweep.is_alive()
+    finally:
+        for child in mp.active_children():  # never leave a stray worker behind
+            child.kill()
+        sweep.join()
+    status = {o.task.config.seed: (o.status, o.message) for o in result[0]}
+    assert status[0] == ("failed", f"worker died (exit status {-signal.SIGKILL})")
+    assert [status[s][0] for s in (1, 2)] == ["done", "done"]
+    run = store.run_dir(long.config)
+    assert "worker died" in (run / "error.log").read_text()
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] >= 2
+    assert all(store.finished(t.config) is not None for t in short)
+
+
 @pytest.mark.parametrize(
     "content",
     [
