@@ -144,6 +144,7 @@ def test_train_reads_a_finished_run_in_a_read_only_folder(
         (["train", "--method", "w-perp", "--k", "0"], "--k: expected a positive integer or 'rank'"),
         (["train", "--method", "w-transpose", "--k", "3"], "'w-transpose' has no option 'k'"),
         (["train", "--method", "w-perp", "--solver", "magic"], "unknown solver 'magic'"),
+        (["train", "--method", "w-perp-ns", "--k", "rank"], "(the method 'w-perp'), not the"),
         (["train", "--width", "-4"], "--width: expected a positive integer, got '-4'"),
         (["train", "--lr", "nan"], "--lr: expected a finite positive number, got 'nan'"),
         (["train", "--lr", "inf"], "--lr: expected a finite positive number, got 'inf'"),
@@ -304,6 +305,46 @@ def test_an_unusable_out_is_one_line_and_status_2(tmp_path: Path, capsys, comman
         assert stdout == "" and len(err.strip().splitlines()) == 1
         assert message in err and str(out) in err and "Traceback" not in err
     assert afile.read_text() == ""
+
+
+@pytest.mark.parametrize("command", [["report"], ["reproduce", "--report-only"]])
+def test_report_of_a_read_only_store_is_an_error(
+    tmp_path: Path, capsys, monkeypatch, command
+) -> None:
+    """A run store this process may not write to is refused in one line, before anything is
+    rendered (it used to fail with a traceback at the first figure's temporary file)."""
+    out = tmp_path / "store"
+    (out / "runs").mkdir(parents=True)
+    access = os.access
+
+    def read_only(path, mode, **kwargs) -> bool:
+        if Path(path) == out and mode & os.W_OK:
+            return False
+        return access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", read_only)
+    assert main([command[0], "table3", *command[1:], "--out", str(out)]) == 2
+    stdout, err = capsys.readouterr()
+    assert stdout == "" and len(err.strip().splitlines()) == 1
+    assert "is not writable" in err and str(out) in err
+    assert [p.name for p in out.iterdir()] == ["runs"]
+
+
+def test_report_all_names_the_experiments_a_selection_leaves_out(tmp_path: Path, capsys) -> None:
+    """``all`` with --widths renders the experiments that have cells there and says which
+    it leaves out (a single experiment without such cells is an error, above)."""
+    (tmp_path / "runs").mkdir()
+    argv = ["report", "all", "--widths", "64", "--seeds", "1", "--epochs", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    stdout, err = capsys.readouterr()
+    assert err == "note: table1, table2, table4, table5, fig1 left out: no cells at widths 64\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fig2_w64_seeds0_e1",
+        "runs",
+        "table3_w64_seeds0_e1",
+    ]
+    assert main([*argv, "--quiet", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize("command", [["report"], ["reproduce", "--report-only"]])
@@ -470,7 +511,10 @@ def test_diagnose_takes_the_shape_from_the_weights(tmp_path: Path, capsys) -> No
     (tmp_path / "notes.txt").write_text("not weights\n")
     for extra, message in [
         (["--checkpoint", str(tmp_path / "run"), "--width", "16"], "holds width 8, depth 2"),
-        (["--checkpoint", str(tmp_path / "notes.txt")], "is not a guessgrad model.pt"),
+        (
+            ["--checkpoint", str(tmp_path / "notes.txt")],
+            "notes.txt is not a guessgrad model.pt or checkpoint.pt (not a file written by torch",
+        ),
         (["--checkpoint", str(tmp_path / "run" / "config.json")], "is not a guessgrad"),
         (["--checkpoint", str(tmp_path)], "no weights in"),
     ]:
@@ -512,6 +556,8 @@ def test_train_into_a_directory_with_unreadable_run_files(tmp_path: Path, capsys
         stdout, err = capsys.readouterr()
         assert stdout == "" and len(err.strip().splitlines()) == 1
         assert f"{out / name} is not a readable guessgrad run file" in err
+        if name == "checkpoint.pt":
+            assert "(not a file written by torch.save, or one cut short)" in err
         assert (out / name).read_text() == content and len(list(out.iterdir())) == 1
     # a checkpoint that cannot be read at all (here: a directory) is not called corrupt
     (tmp_path / "odd" / "checkpoint.pt").mkdir(parents=True)
@@ -588,21 +634,39 @@ def test_train_defaults_are_the_papers_and_every_option_reaches_the_run(
 @pytest.mark.parametrize(
     ("module", "command", "says"),
     [
-        ("train", ["train"], "interrupted: finished runs are kept"),
+        ("train", ["train"], "interrupted: the checkpoint of the last finished epoch is kept"),
+        ("reproduce", ["reproduce", "table3"], "interrupted: finished runs are kept"),
         ("bench", ["bench"], "interrupted."),
         ("diagnose", ["diagnose"], "interrupted."),
     ],
 )
 def test_ctrl_c_says_what_is_kept(module, command, says, monkeypatch, capsys) -> None:
-    """Only train and reproduce keep runs to resume; bench and diagnose keep nothing."""
+    """Only train and reproduce keep something to resume; bench and diagnose keep nothing."""
 
     def interrupted(_args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(f"guessgrad.cli.{module}.run", interrupted)
+    name = "run_reproduce" if module == "reproduce" else "run"
+    monkeypatch.setattr(f"guessgrad.cli.{module}.{name}", interrupted)
     assert main(command) == 130
     err = capsys.readouterr().err.strip()
-    assert err == says if says == "interrupted." else err.startswith(says)
+    if says == "interrupted.":
+        assert err == says
+    else:
+        assert err == f"{says}; run the same command again to resume."
+
+
+def test_ctrl_c_while_starting_up_is_no_traceback(monkeypatch, capsys) -> None:
+    """Ctrl-C before the command has begun (while torch is imported, a second or two) stops
+    with the same status and a plain message, not a traceback from inside an import."""
+    import guessgrad.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["train"]) == 130
+    assert capsys.readouterr().err == "\ninterrupted.\n"
 
 
 def test_output_cut_short_by_the_reader_is_no_traceback() -> None:
@@ -674,7 +738,8 @@ def test_sigterm_stops_train_like_ctrl_c(tmp_path: Path) -> None:
     out = tmp_path / "run"
     argv = ["train", "--method", "w-transpose", "--width", "8", "--epochs", "100000"]
     err = _terminate_after_two_epochs([*argv, "--threads", "1", "--out", str(out)], out)
-    assert "terminated: finished runs are kept; run the same command again to resume." in err
+    kept = "the checkpoint of the last finished epoch is kept"
+    assert f"terminated: {kept}; run the same command again to resume." in err
     assert "Traceback" not in err
     assert (out / "checkpoint.pt").exists() and not list(out.glob("*.tmp"))
 

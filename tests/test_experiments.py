@@ -853,6 +853,29 @@ def test_a_worker_stops_on_sigterm_as_train_does(tmp_path: Path) -> None:
     assert not [p.name for p in run.iterdir() if ".tmp" in p.name]
 
 
+def _report_sigint(answers) -> None:
+    import signal
+
+    answers.put(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_workers_are_born_ignoring_ctrl_c() -> None:
+    """A worker ignores SIGINT from its start, not only once its own code runs (Ctrl-C during
+    its import of torch printed a traceback); a process started plainly does not."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = mp.get_context("spawn")
+    answers = ctx.Queue()
+    for start, ignored in ((runner.start_ignoring_sigint, True), (lambda p: p.start(), False)):
+        proc = ctx.Process(target=_report_sigint, args=(answers,))
+        start(proc)
+        assert answers.get(timeout=60) is ignored
+        proc.join(timeout=60)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back here
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_a_worker_killed_mid_run_fails_that_run_alone(tmp_path: Path) -> None:
     """A worker killed while training (``kill -9``, the out-of-memory killer) fails its run,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from guessgrad.training import (
     error_summary,
     git_revision,
     initial_model,
+    load_error_summary,
     source_digest,
     train,
 )
@@ -419,6 +421,39 @@ def test_a_diverging_run_warns_once_and_goes_on(data: MNIST1D, tmp_path: Path) -
         warnings.simplefilter("always")
         train(_config(lr=1e6, epochs=3), data=data)
     assert sum("diverged" in str(w.message) for w in caught) == 1  # said once, not per epoch
+
+
+def test_load_errors_say_what_the_file_is(tmp_path: Path) -> None:
+    """A file torch.save did not write (text, JSON, random bytes, empty, cut short) is named as
+    such, whatever the unpickler made of it; a torch file with other objects than tensors
+    says so, instead of torch's advice to load it without ``weights_only``."""
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.zeros(3)}, good)
+    files = {
+        "text": b"not weights\n" * 5,
+        "json": b'{"a": 1}',
+        "random": bytes(range(256)) * 2,
+        "empty": b"",
+        "cut": good.read_bytes()[: good.stat().st_size // 2],
+    }
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        for weights_only in (True, False):
+            with pytest.raises(Exception) as caught:
+                torch.load(path, weights_only=weights_only)
+            assert load_error_summary(path, caught.value) == (
+                "not a file written by torch.save, or one cut short"
+            ), (name, weights_only)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"when": datetime.date(2020, 1, 1)}, foreign)
+    with pytest.raises(Exception) as caught:
+        torch.load(foreign, weights_only=True)
+    assert load_error_summary(foreign, caught.value) == (
+        "it holds objects other than tensors and plain data"
+    )
+    err = RuntimeError("storage has wrong size\nmore")
+    assert load_error_summary(good, err) == "storage has wrong size"  # a zip: torch's reason
 
 
 def test_error_summary_is_the_first_line_or_the_type() -> None:

@@ -34,6 +34,7 @@ import platform
 import subprocess
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -68,6 +69,7 @@ __all__ = [
     "same_code",
     "source_digest",
     "error_summary",
+    "load_error_summary",
     "tidy_finished",
 ]
 
@@ -226,6 +228,20 @@ def error_summary(err: BaseException) -> str:
     return (str(err).splitlines() or [""])[0] or type(err).__name__
 
 
+def load_error_summary(path: Path, err: BaseException) -> str:
+    """Why ``torch.load(path)`` failed, for a one-line error.
+
+    ``torch.save`` writes zip archives: a file that is not one was not written by it, or was
+    cut short, which says more than what the unpickler makes of its bytes (``KeyError: 101``
+    for a text file) or torch's advice to load a file without ``weights_only``."""
+    if not zipfile.is_zipfile(path):
+        return "not a file written by torch.save, or one cut short"
+    text = error_summary(err)
+    if text.startswith("Weights only load failed"):
+        return "it holds objects other than tensors and plain data"
+    return text
+
+
 def _read_stored_run(
     out: Path, device: torch.device
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
@@ -255,8 +271,11 @@ def _read_stored_run(
     except OSError as err:  # the file may be fine: no advice to remove it
         raise RunDirectoryConflict(f"cannot read {out / reading}: {err.strerror or err}") from None
     except Exception as err:
+        why = error_summary(err)
+        if reading == "checkpoint.pt" and ckpt is None:  # torch.load itself failed
+            why = load_error_summary(out / reading, err)
         raise RunDirectoryConflict(
-            f"{out / reading} is not a readable guessgrad run file ({error_summary(err)}); "
+            f"{out / reading} is not a readable guessgrad run file ({why}); "
             "remove it, or choose another output directory"
         ) from None
     return final, ckpt

@@ -84,8 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: what Ctrl-C or SIGTERM leaves to resume, per command (bench, diagnose, report keep nothing)
+_KEPT = {
+    "train": "the checkpoint of the last finished epoch is kept",
+    "reproduce": "finished runs are kept",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while starting up (parsing, importing torch): nothing begun
+        print("\ninterrupted.", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from ..experiments.runner import Terminated, _exit_on_signal, plain_warnings
@@ -101,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as err:
-        resumable = args.command in ("train", "reproduce")  # bench, diagnose, report keep nothing
-        more = ": finished runs are kept; run the same command again to resume" if resumable else ""
+        kept = _KEPT.get(args.command)
+        more = f": {kept}; run the same command again to resume" if kept else ""
         what = "terminated" if isinstance(err, Terminated) else "interrupted"
         print(f"\n{what}{more}.", file=sys.stderr)
         return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import UsageError, nonnegative_int, positive_int, seed_int, set_threads
+from .common import DEVICE_HELP, UsageError, nonnegative_int, positive_int, seed_int, set_threads
 
 __all__ = ["configure_parser", "run"]
 
@@ -42,7 +42,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
         default=3,
         help="untimed steps first (default: %(default)s)",
     )
-    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu)")
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=seed_int, default=0, help="(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead")

@@ -48,6 +48,10 @@ def _integer(text: str, ok: Callable[[int], bool], what: str) -> int:
     return value
 
 
+#: ``--device``'s help, the same in every command
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (default: %(default)s)"
+
+
 def positive_int(text: str) -> int:
     return _integer(text, lambda v: v >= 1, "a positive integer")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common import (
+    DEVICE_HELP,
     UsageError,
     add_estimator_options,
     check_estimator,
@@ -65,7 +66,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
         "--samples", type=positive_int, default=16, help="guesses per example (default: 16)"
     )
     p.add_argument("--overlap-k", type=positive_int, help="k of the overlap (default: k or 10)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--json",
@@ -81,7 +82,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     import torch
     from torch.torch_version import TorchVersion
 
-    from ..training import error_summary
+    from ..training import load_error_summary
 
     if path.is_dir():
         found = [path / n for n in ("model.pt", "checkpoint.pt") if (path / n).exists()]
@@ -100,7 +101,7 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"cannot read {path}: {err.strerror or err}") from None
     except Exception as err:
         raise UsageError(
-            f"{path} is not a guessgrad model.pt or checkpoint.pt ({error_summary(err)})"
+            f"{path} is not a guessgrad model.pt or checkpoint.pt ({load_error_summary(path, err)})"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a training checkpoint

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import MAX_SEED
-from .common import UsageError, default_jobs, device_name, out_path, output_dir, positive_int
+from .common import (
+    DEVICE_HELP,
+    UsageError,
+    default_jobs,
+    device_name,
+    out_path,
+    output_dir,
+    positive_int,
+)
 from .progress import SweepProgress
 
 if TYPE_CHECKING:
@@ -108,7 +116,7 @@ def configure_parsers(sub: argparse._SubParsersAction) -> None:
         "not in the run store yet, then write and print its tables and figures.",
     )
     _add_selection(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: auto)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--jobs",
         type=positive_int,
@@ -214,7 +222,7 @@ def select(args: argparse.Namespace) -> list[Selection]:
             offered = sorted({m.key() for m in known})
             where = f"in {name}" if name != "all" else "in any experiment"
             raise UsageError(f"no method {unknown[0]!r} {where}; its methods: {_join(offered)}")
-    out = []
+    out, left_out = [], []
     for exp in chosen:
         if args.quick:
             exp = exp.with_preset(exp.quick)
@@ -224,14 +232,18 @@ def select(args: argparse.Namespace) -> list[Selection]:
             if not kept.cells:
                 if name != "all":
                     raise UsageError(f"{exp.name} has no cells {wanted}; {offered(exp)}")
+                left_out.append(exp.name)
                 break
             exp = kept
         else:
             seeds = tuple(args.seeds) if args.seeds else tuple(range(exp.seeds))
             epochs = args.epochs or exp.epochs
             out.append(Selection(exp, seeds, epochs, _folder(whole, exp, args, seeds, epochs)))
+    wanted = " ".join(w for _, w, _ in filters)
     if not out:
-        raise UsageError(f"no experiment has cells {' '.join(w for _, w, _ in filters)}")
+        raise UsageError(f"no experiment has cells {wanted}")
+    if left_out and not args.quiet:
+        print(f"note: {_join(left_out)} left out: no cells {wanted}", file=sys.stderr)
     return out
 
 
@@ -280,14 +292,15 @@ def _render(selections: list[Selection], out: Path, quiet: bool) -> None:
 
 
 def _stored(out: Path, name: str) -> Path:
-    """``out``, if it holds a run store; a usage error otherwise (a mistyped ``--out`` would
-    render a table of empty cells into a new directory)."""
+    """``out``, if it holds a run store that the tables can be written beside; a usage error
+    otherwise (a mistyped ``--out`` would render a table of empty cells into a new directory,
+    and a read-only store would fail at the first file written)."""
     if not (out / "runs").is_dir():
         raise UsageError(
             f"no run store at {out} (no {out / 'runs'}/): nothing to render; "
             f"`guessgrad reproduce {name} --out {out}` trains the runs first"
         )
-    return out
+    return output_dir(out)
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -430,7 +430,7 @@ def _run_pool(
         proc = ctx.Process(
             target=_worker, args=(wid, tasks, events, os.fspath(store.root), threads)
         )
-        proc.start()
+        start_ignoring_sigint(proc)
         workers[wid] = proc
 
     def finish(outcome: Outcome) -> None:
@@ -505,6 +505,25 @@ def _run_pool(
             if proc.is_alive():  # SIGTERM was not enough (a worker ignores a second one)
                 proc.kill()
     return outcomes
+
+
+def start_ignoring_sigint(proc: Any) -> None:
+    """``proc.start()`` with SIGINT ignored from the new process's first instruction on.
+
+    Ctrl-C on a terminal goes to the whole process group: a worker still importing torch
+    (a second or two after its start), before it can ignore SIGINT itself, would die of it
+    with a traceback, although the sweep stops its workers itself.  An ignored signal stays
+    ignored across ``exec`` and Python's start-up, so the worker is born ignoring it.  Only
+    in the main thread (the only one that may set handlers); a Ctrl-C to this process during
+    the start itself (milliseconds) is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 class Terminated(SystemExit):

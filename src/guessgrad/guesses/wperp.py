@@ -157,7 +157,10 @@ class WPerpGuess(Guess):
                 "solver='svd'"
             )
         if solver == "newton-schulz" and k == "rank":
-            raise ValueError("k='rank' needs solver='svd' or solver='subspace'")
+            raise ValueError(
+                "k='rank' needs solver='svd' or solver='subspace' (the method 'w-perp'), not "
+                "the Newton–Schulz solver of 'w-perp-ns'"
+            )
         if k == "rank" and subspace == "bottom":
             raise ValueError("k='rank' is defined for subspace='top' only")
         if not isinstance(depth, int) or depth < 0:
