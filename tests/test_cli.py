@@ -566,6 +566,65 @@ def test_train_into_a_directory_with_unreadable_run_files(tmp_path: Path, capsys
     assert f"cannot read {tmp_path / 'odd' / 'checkpoint.pt'}" in err and "remove" not in err
 
 
+def test_an_interrupt_before_the_run_writes_leaves_no_empty_folder(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Ctrl-C while the data is generated (the first seconds) removes the folders that train
+    created and that are still empty; a folder that was there before, or that the run began
+    to fill, stays."""
+
+    def interrupted(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("guessgrad.data.mnist1d", interrupted)
+    assert _train(tmp_path / "new" / "run", "--quiet") == 130
+    assert list(tmp_path.iterdir()) == []  # "new" too: it was made for the run
+    (tmp_path / "there").mkdir()
+    assert _train(tmp_path / "there", "--quiet") == 130
+    assert (tmp_path / "there").is_dir()
+    monkeypatch.undo()
+
+    def writes_then_interrupted(config, *, out_dir, **_kw):
+        (out_dir / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("guessgrad.training.train", writes_then_interrupted)
+    assert _train(tmp_path / "begun" / "run", "--quiet") == 130
+    assert [p.name for p in (tmp_path / "begun" / "run").iterdir()] == ["config.json"]
+    # interrupted once the run holds its lock, before it wrote anything: the lock file alone
+    # goes with the folder, unless another process holds it
+    import fcntl
+
+    from guessgrad.training import _run_lock
+
+    def locks_then_interrupted(config, *, out_dir, **_kw):
+        with _run_lock(out_dir):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("guessgrad.training.train", locks_then_interrupted)
+    assert _train(tmp_path / "locked" / "run", "--quiet") == 130
+    assert not (tmp_path / "locked").exists()
+
+    def held_elsewhere(config, *, out_dir, **_kw):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        held.append(open(out_dir / ".lock", "w"))  # noqa: SIM115 - held past this call
+        fcntl.flock(held[0], fcntl.LOCK_EX)
+        raise KeyboardInterrupt
+
+    held: list = []
+    monkeypatch.setattr("guessgrad.training.train", held_elsewhere)
+    assert _train(tmp_path / "held" / "run", "--quiet") == 130
+    held[0].close()
+    assert [p.name for p in (tmp_path / "held" / "run").iterdir()] == [".lock"]
+    capsys.readouterr()
+
+
+def test_counts_read_in_the_singular_for_one() -> None:
+    from guessgrad.cli.common import counted
+
+    assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+
+
 def test_warnings_are_plain_lines_while_a_command_runs(tmp_path: Path, monkeypatch) -> None:
     from guessgrad.experiments.runner import plain_warnings
 

@@ -17,7 +17,7 @@ def test_a_sweep_without_terminal_prints_each_twentieth_with_the_time_left(
         clock[0] += 6.0
         sweep.advance()
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0] == "training: 2 run(s), 400 epochs"
+    assert lines[0] == "training: 2 runs, 400 epochs"
     assert len(lines) == 1 + 5  # at 20, 40, 60, 80 and 100 epochs
     assert lines[-1] == "training: 100/400 epochs (25%), 10 min elapsed, about 30 min left"
     for _ in range(300):
@@ -37,7 +37,12 @@ def test_measurements_and_quiet_sweeps_print_no_such_lines(capsys) -> None:
     quiet.phase("training", 1, 40, "epoch")
     for _ in range(40):
         quiet.advance()
-    assert capsys.readouterr().err.splitlines() == ["measuring: 3 measurement(s)"]
+    one = SweepProgress(quiet=False)
+    one.phase("training", 1, 1, "epoch")
+    assert capsys.readouterr().err.splitlines() == [
+        "measuring: 3 measurements",
+        "training: 1 run, 1 epoch",
+    ]
 
 
 def test_durations_read_as_seconds_minutes_hours() -> None:

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .cli.common import counted
 from .data import mnist1d
 from .estimators import Estimator, ForwardGradient, make_estimator
 from .guesses import Site, WPerpGuess
@@ -425,8 +426,8 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(
             f"width {args.width}, depth {args.depth}, batch {args.batch_size}, device {device}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"{platform.processor() or platform.machine()}; median of {args.steps} steps"
+            f"torch {torch.__version__} ({counted(torch.get_num_threads(), 'thread')}), "
+            f"{platform.processor() or platform.machine()}; median of {counted(args.steps, 'step')}"
         )
         print(markdown(records))
     return 0

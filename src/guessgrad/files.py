@@ -22,7 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_json", "atomic_write_text"]
+__all__ = ["LOCK_FILE", "atomic_path", "atomic_write_json", "atomic_write_text"]
+
+#: the file in a run's folder that a training process holds locked while it trains
+LOCK_FILE = ".lock"
 
 
 @contextmanager

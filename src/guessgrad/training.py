@@ -47,7 +47,7 @@ from . import __version__
 from .config import TrainConfig
 from .data import MNIST1D, mnist1d
 from .estimators import Estimator, make_estimator
-from .files import atomic_path, atomic_write_json, atomic_write_text
+from .files import LOCK_FILE, atomic_path, atomic_write_json, atomic_write_text
 from .models import MLP
 
 try:
@@ -384,10 +384,10 @@ def _run_lock(out: Path) -> Iterator[None]:
         return
     try:  # for writing (NFS emulates an exclusive flock with a write lock), else read-only:
         # a lock file another user made in a shared store serves as well on a local disk
-        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     except PermissionError:
         try:
-            fd = os.open(out / ".lock", os.O_RDONLY)
+            fd = os.open(out / LOCK_FILE, os.O_RDONLY)
         except OSError as err:
             raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
     except OSError as err:

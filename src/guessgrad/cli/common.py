@@ -9,11 +9,18 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..config import MAX_SEED, METHODS, TrainConfig
+from ..files import LOCK_FILE
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "UsageError",
@@ -174,3 +181,44 @@ def output_dir(path: Path, option: str = "--out") -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {path} is not writable")
     return path
+
+
+@contextmanager
+def created_folders_removed_on_error(path: Path) -> Iterator[None]:
+    """Run the block; if it raises (Ctrl-C while the data is generated, say), remove the
+    folders on the way to ``path`` that did not exist before it and are still empty, so that
+    an interrupted command does not leave an empty ``--out`` behind."""
+    missing = [p for p in (path, *path.parents) if not _exists(p)]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                _remove_empty(folder)
+            except OSError:  # not empty (the run began writing), locked, or gone
+                break
+        raise
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long, say: cannot tell, so it is never removed
+        return True
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove ``folder`` if empty; a run's lock file alone in it (a run interrupted before it
+    wrote anything) is removed first, while held, unless another process holds it."""
+    if fcntl is not None and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        with open(folder / LOCK_FILE, "rb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError if another process holds it
+            (folder / LOCK_FILE).unlink()
+            folder.rmdir()
+    else:
+        folder.rmdir()
+
+
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, in the plural unless n is 1: "1 step", "2 steps"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

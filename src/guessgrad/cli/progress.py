@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
+from .common import counted
+
 if TYPE_CHECKING:
     from ..experiments.runner import Outcome
 
@@ -115,8 +117,8 @@ class SweepProgress:
             self.bar = tqdm(total=total, desc=name, unit=unit, file=self.stream)
             self.bar.set_postfix_str(f"0/{tasks} {noun}s")
         else:
-            extra = f", {total} epoch{'s' * (total != 1)}" if unit == "epoch" else ""
-            self._write(f"{name}: {tasks} {noun}(s){extra}")
+            extra = f", {counted(total, 'epoch')}" if unit == "epoch" else ""
+            self._write(f"{name}: {counted(tasks, noun)}{extra}")
 
     def _step(self) -> int:
         return max(1, math.ceil(self.total / 20))

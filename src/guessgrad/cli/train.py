@@ -9,6 +9,7 @@ here is reused by the experiments and a finished run is not trained again).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,8 @@ from .common import (
     UsageError,
     add_estimator_options,
     check_estimator,
+    counted,
+    created_folders_removed_on_error,
     device_name,
     estimator_options,
     make_config,
@@ -174,28 +177,30 @@ def run(args: argparse.Namespace) -> int:
         already = (out / "final.json").is_file()
     except OSError:  # a name too long, say: output_dir says so in one line
         already = False
-    if not already:
-        out = output_dir(out)
-    data = mnist1d()
-    if not (args.quiet or already):
-        for note in _notes(config, data.x_train.shape[0]):
-            print(f"note: {note}", file=sys.stderr)
-    steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
-    progress = TrainProgress(
-        config.epochs, steps_per_epoch, quiet=args.quiet or already, desc=config.slug()
-    )
-    try:
-        final = train(
-            config, out_dir=out, data=data, on_epoch=progress.on_epoch, on_step=progress.on_step
+    # an interrupt before the run writes anything leaves no empty folder behind
+    with created_folders_removed_on_error(out) if not already else contextlib.nullcontext():
+        if not already:
+            out = output_dir(out)
+        data = mnist1d()
+        if not (args.quiet or already):
+            for note in _notes(config, data.x_train.shape[0]):
+                print(f"note: {note}", file=sys.stderr)
+        steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
+        progress = TrainProgress(
+            config.epochs, steps_per_epoch, quiet=args.quiet or already, desc=config.slug()
         )
-    except RunDirectoryConflict as err:
-        raise UsageError(str(err)) from None
-    except TrainingDiverged as err:
-        progress.close()
-        print(f"guessgrad train: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        progress.close()
+        try:
+            final = train(
+                config, out_dir=out, data=data, on_epoch=progress.on_epoch, on_step=progress.on_step
+            )
+        except RunDirectoryConflict as err:
+            raise UsageError(str(err)) from None
+        except TrainingDiverged as err:
+            progress.close()
+            print(f"guessgrad train: error: {err}", file=sys.stderr)
+            return 1
+        finally:
+            progress.close()
     title = f"{config.method}, width {config.width}, depth {config.depth}, seed {config.seed}"
     if not already or (not (out / "curves.png").exists() and os.access(out, os.W_OK | os.X_OK)):
         draw_curves(
@@ -207,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{out} holds a finished run: not trained again (remove it, or pass {other}).")
         print(
             f"{config.slug()}: train accuracy {final['train_accuracy']:.4f}, "
-            f"test accuracy {final['test_accuracy']:.4f}, {final['steps']} steps in "
+            f"test accuracy {final['test_accuracy']:.4f}, {counted(final['steps'], 'step')} in "
             f"{final['wall_seconds']:.1f} s on {final['device']} -> {out}"
         )
     return 0
