@@ -210,6 +210,11 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_data(monkeypatch
         data = guessgrad.data.mnist1d()
     assert torch.equal(data.y_train, torch.as_tensor(fake_arrays()["y"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    # the warning names the file in the way, whether it is the cache folder or above it
+    for cache in (blocker, blocker / "cache"):
+        monkeypatch.setenv("GUESSGRAD_CACHE", str(cache))
+        with pytest.warns(UserWarning, match=f"[(]{blocker} is a file, not a folder[)]"):
+            guessgrad.data.mnist1d()
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")

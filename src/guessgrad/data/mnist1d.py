@@ -91,8 +91,12 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
     except OSError as err:
+        # a file where the cache folder (or a folder above it) should be: say so, rather
+        # than the bare "File exists" or "Not a directory" of the mkdir that failed
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else err.strerror or err
         warnings.warn(
-            f"could not write the MNIST-1D cache {path} ({err.strerror or err}); the data "
+            f"could not write the MNIST-1D cache {path} ({reason}); the data "
             "will be generated again next time (set GUESSGRAD_CACHE to a writable folder)",
             stacklevel=3,
         )
