@@ -591,9 +591,14 @@ def test_an_interrupt_before_the_run_writes_leaves_no_empty_folder(
     monkeypatch.setattr("guessgrad.training.train", writes_then_interrupted)
     assert _train(tmp_path / "begun" / "run", "--quiet") == 130
     assert [p.name for p in (tmp_path / "begun" / "run").iterdir()] == ["config.json"]
+    # only what this call made: through "new/..", the folder "there" made earlier stays
+    monkeypatch.setattr("guessgrad.data.mnist1d", interrupted)
+    assert _train(tmp_path / "new" / ".." / "there", "--quiet") == 130
+    assert (tmp_path / "there").is_dir() and not (tmp_path / "new").exists()
+    monkeypatch.undo()
     # interrupted once the run holds its lock, before it wrote anything: the lock file alone
     # goes with the folder, unless another process holds it
-    import fcntl
+    fcntl = pytest.importorskip("fcntl")
 
     from guessgrad.training import _run_lock
 

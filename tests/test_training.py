@@ -497,6 +497,44 @@ def test_a_run_another_process_is_training_is_waited_for_then_read(
     assert epochs_seen == [] and result["final"] == finished
 
 
+def test_a_lock_file_removed_while_waited_for_is_taken_again(tmp_path: Path) -> None:
+    """A process that waited for a run's lock, whose holder then removed the lock file with
+    the folder (``guessgrad train`` stopped before its run wrote anything), does not go on
+    holding a lock on a removed file: it makes the folder and the lock file again and locks
+    those, so that a third process still has to wait."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "run"
+    out.mkdir()
+    inside, release = threading.Event(), threading.Event()
+
+    def waiting() -> None:
+        with training._run_lock(out):
+            inside.set()
+            release.wait(10)
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        holder = open(out / ".lock", "w")  # noqa: SIM115 - the other process
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        thread = threading.Thread(target=waiting)
+        thread.start()
+        thread.join(timeout=0.5)
+        assert thread.is_alive() and not inside.is_set()
+        (out / ".lock").unlink()  # removed while held, then the lock let go
+        out.rmdir()
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        holder.close()
+        assert inside.wait(10)
+        with open(out / ".lock", "w") as third:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        release.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
 def test_a_run_whose_weights_stop_being_finite_ends_with_an_error_for_svd(
     data: MNIST1D, tmp_path: Path
 ) -> None:

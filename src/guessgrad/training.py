@@ -377,36 +377,73 @@ def train(
 @contextmanager
 def _run_lock(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on the run directory ``out`` (waits for another process's run,
-    with a warning; no lock where ``fcntl`` is missing)."""
-    out.mkdir(parents=True, exist_ok=True)
+    with a warning; no lock where ``fcntl`` is missing).
+
+    A lock file that was removed while this process waited for it (``guessgrad train``
+    stopped before its run wrote anything removes the folder it made, lock file included)
+    locks nothing any more: the folder and the lock file are then made and locked again."""
     if fcntl is None:  # pragma: no cover - not POSIX
+        out.mkdir(parents=True, exist_ok=True)
         yield
         return
-    try:  # for writing (NFS emulates an exclusive flock with a write lock), else read-only:
-        # a lock file another user made in a shared store serves as well on a local disk
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:
+    warned = False
+    for _ in range(_LOCK_ATTEMPTS):
+        out.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(out / LOCK_FILE, os.O_RDONLY)
-        except OSError as err:
-            raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
+            fd = _open_lock(out)
+        except FileNotFoundError:  # the folder was removed right after it was made
+            continue
+        with os.fdopen(fd) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not warned:
+                    warnings.warn(
+                        f"{out}: another process is training this run; waiting for it to finish",
+                        stacklevel=3,
+                    )
+                    warned = True
+                fcntl.flock(f, fcntl.LOCK_EX)
+            except OSError as err:
+                raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
+            if not _is_lock_file(f.fileno(), out / LOCK_FILE):
+                continue  # removed while waiting: closing f releases it
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
+    raise RunDirectoryConflict(f"cannot lock {out}: its lock file keeps being removed")
+
+
+#: times the lock of a run directory is taken again when its lock file was removed meanwhile
+_LOCK_ATTEMPTS = 100
+
+
+def _open_lock(out: Path) -> int:
+    """The lock file of ``out``, opened for writing (NFS emulates an exclusive flock with a
+    write lock), else read-only: a lock file another user made in a shared store serves as well
+    on a local disk.  ``FileNotFoundError`` where ``out`` is gone."""
+    path = out / LOCK_FILE
+    try:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
     except OSError as err:
         raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
-    with os.fdopen(fd) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            warnings.warn(
-                f"{out}: another process is training this run; waiting for it to finish",
-                stacklevel=3,
-            )
-            fcntl.flock(f, fcntl.LOCK_EX)
-        except OSError as err:
-            raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _is_lock_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not removed or replaced)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
 
 
 #: seconds after which a temporary in a finished run's directory counts as left by a killed

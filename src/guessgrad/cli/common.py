@@ -38,6 +38,8 @@ __all__ = [
     "default_jobs",
     "set_threads",
     "output_dir",
+    "output_folder",
+    "counted",
 ]
 
 
@@ -172,27 +174,21 @@ def set_threads(threads: int | None) -> None:
 def output_dir(path: Path, option: str = "--out") -> Path:
     """``path``, created if missing; a :class:`UsageError` where it cannot be (a file there, a
     parent that is a file or not writable) instead of a traceback halfway through a run."""
-    try:
-        if path.exists() and not path.is_dir():
-            raise UsageError(f"{option} {path} is a file, not a directory")
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # a name too long, a parent that is a file, no permission
-        raise UsageError(f"cannot create {option} {path}: {err.strerror or err}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path} is not writable")
+    _make_output_dir(path, option)
     return path
 
 
 @contextmanager
-def created_folders_removed_on_error(path: Path) -> Iterator[None]:
-    """Run the block; if it raises (Ctrl-C while the data is generated, say), remove the
-    folders on the way to ``path`` that did not exist before it and are still empty, so that
-    an interrupted command does not leave an empty ``--out`` behind."""
-    missing = [p for p in (path, *path.parents) if not _exists(p)]  # deepest first
+def output_folder(path: Path, option: str = "--out") -> Iterator[Path]:
+    """:func:`output_dir` for the block; if the block raises (Ctrl-C while the data is
+    generated, say), the folders that this call created are removed where still empty, so that
+    an interrupted command leaves no empty ``--out`` behind.  A folder that was there before,
+    or that another process made meanwhile, is never removed."""
+    created = _make_output_dir(path, option)
     try:
-        yield
+        yield path
     except BaseException:
-        for folder in missing:
+        for folder in created:  # deepest first
             try:
                 _remove_empty(folder)
             except OSError:  # not empty (the run began writing), locked, or gone
@@ -200,18 +196,51 @@ def created_folders_removed_on_error(path: Path) -> Iterator[None]:
         raise
 
 
+def _make_output_dir(path: Path, option: str) -> list[Path]:
+    # output_dir's work; returns the folders made here, deepest first
+    try:
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"{option} {path} is a file, not a directory")
+        created = _make_folders(path)
+    except OSError as err:  # a name too long, a parent that is a file, no permission
+        raise UsageError(f"cannot create {option} {path}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path} is not writable")
+    return created
+
+
+def _make_folders(path: Path) -> list[Path]:
+    """``path.mkdir(parents=True, exist_ok=True)``, returning the folders that this call
+    itself made, deepest first (not those another process made meanwhile, nor a step such as
+    ``new/..`` that names an existing folder)."""
+    missing = []
+    while not _exists(path) and path.parent != path:
+        missing.append(path)
+        path = path.parent
+    created = []
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            continue
+        created.append(folder)
+    return created[::-1]
+
+
 def _exists(path: Path) -> bool:
     try:
         return path.exists()
-    except OSError:  # a name too long, say: cannot tell, so it is never removed
+    except OSError:  # a name too long, say: left to mkdir, which says why
         return True
 
 
 def _remove_empty(folder: Path) -> None:
-    """Remove ``folder`` if empty; a run's lock file alone in it (a run interrupted before it
-    wrote anything) is removed first, while held, unless another process holds it."""
+    """Remove ``folder`` if empty; a run's lock file alone in it (a run stopped before it
+    wrote anything) is removed first, while held, unless another process holds it (a process
+    that waited for it takes the lock again on a new file: ``training._run_lock``)."""
     if fcntl is not None and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-        with open(folder / LOCK_FILE, "rb") as f:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR)  # for writing, as the run took it
+        with os.fdopen(fd) as f:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError if another process holds it
             (folder / LOCK_FILE).unlink()
             folder.rmdir()

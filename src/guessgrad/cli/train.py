@@ -24,13 +24,12 @@ from .common import (
     add_estimator_options,
     check_estimator,
     counted,
-    created_folders_removed_on_error,
     device_name,
     estimator_options,
     make_config,
     nonnegative_float,
     out_path,
-    output_dir,
+    output_folder,
     positive_float,
     positive_int,
     seed_int,
@@ -178,9 +177,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError:  # a name too long, say: output_dir says so in one line
         already = False
     # an interrupt before the run writes anything leaves no empty folder behind
-    with created_folders_removed_on_error(out) if not already else contextlib.nullcontext():
-        if not already:
-            out = output_dir(out)
+    with output_folder(out) if not already else contextlib.nullcontext(out):
         data = mnist1d()
         if not (args.quiet or already):
             for note in _notes(config, data.x_train.shape[0]):

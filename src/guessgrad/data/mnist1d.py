@@ -93,7 +93,8 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     except OSError as err:
         # a file where the cache folder (or a folder above it) should be: say so, rather
         # than the bare "File exists" or "Not a directory" of the mkdir that failed
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        files = (p for p in path.parents if os.path.exists(p) and not os.path.isdir(p))
+        blocker = next(files, None)  # (os.path's tests never raise)
         reason = f"{blocker} is a file, not a folder" if blocker else err.strerror or err
         warnings.warn(
             f"could not write the MNIST-1D cache {path} ({reason}); the data "
