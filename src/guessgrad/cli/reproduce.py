@@ -91,8 +91,8 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seeds",
         type=_seed_list,
-        help="number of seeds (0..N-1) or a list like 0,3,7; seed 2 alone: 2, (default: 3; 1 "
-        "with --quick)",
+        help='number of seeds (0..N-1) or a list like 0,3,7 (seed 2 alone: "2,"); default: 3, '
+        "1 with --quick",
     )
     p.add_argument("--epochs", type=positive_int, help="training epochs (default: 300)")
     p.add_argument("--widths", type=_width_list, help="only these widths, e.g. 64,128")
