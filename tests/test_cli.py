@@ -624,6 +624,14 @@ def test_an_interrupt_before_the_run_writes_leaves_no_empty_folder(
     capsys.readouterr()
 
 
+def test_an_out_that_cannot_be_made_leaves_none_of_its_folders(tmp_path: Path, capsys) -> None:
+    """--out new/<a name too long>: "new" is made, the next level fails; the one-line error
+    leaves no "new" behind."""
+    assert _train(tmp_path / "new" / ("x" * 300), "--quiet") == 2
+    assert "File name too long" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_counts_read_in_the_singular_for_one() -> None:
     from guessgrad.cli.common import counted
 

@@ -535,6 +535,26 @@ def test_a_lock_file_removed_while_waited_for_is_taken_again(tmp_path: Path) -> 
     assert not thread.is_alive()
 
 
+def test_a_read_only_run_folder_without_a_lock_file_says_why(tmp_path: Path, monkeypatch) -> None:
+    """A folder where the lock file can be neither made (no write permission) nor opened (there
+    is none) is refused with the reason, not retried as if the folder had been removed."""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(".lock"):
+            if flags & os.O_CREAT:
+                raise PermissionError(13, "Permission denied", str(path))
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(training.RunDirectoryConflict, match="No such file or directory"):
+        with training._run_lock(out):
+            pass
+
+
 def test_a_run_whose_weights_stop_being_finite_ends_with_an_error_for_svd(
     data: MNIST1D, tmp_path: Path
 ) -> None:

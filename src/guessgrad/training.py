@@ -388,10 +388,10 @@ def _run_lock(out: Path) -> Iterator[None]:
         return
     warned = False
     for _ in range(_LOCK_ATTEMPTS):
-        out.mkdir(parents=True, exist_ok=True)
         try:
+            out.mkdir(parents=True, exist_ok=True)
             fd = _open_lock(out)
-        except FileNotFoundError:  # the folder was removed right after it was made
+        except FileNotFoundError:  # a folder on the way was removed right after it was made
             continue
         with os.fdopen(fd) as f:
             try:
@@ -426,12 +426,14 @@ def _open_lock(out: Path) -> int:
     on a local disk.  ``FileNotFoundError`` where ``out`` is gone."""
     path = out / LOCK_FILE
     try:
-        try:
-            return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        except PermissionError:
-            return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except FileNotFoundError:  # only where out itself is gone: O_CREAT makes the file
         raise
+    except PermissionError:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError as err:  # a read-only folder without a lock file among them
+            raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
     except OSError as err:
         raise RunDirectoryConflict(f"cannot lock {out}: {err.strerror or err}") from None
 

@@ -188,11 +188,7 @@ def output_folder(path: Path, option: str = "--out") -> Iterator[Path]:
     try:
         yield path
     except BaseException:
-        for folder in created:  # deepest first
-            try:
-                _remove_empty(folder)
-            except OSError:  # not empty (the run began writing), locked, or gone
-                break
+        _remove_made(created)
         raise
 
 
@@ -205,6 +201,7 @@ def _make_output_dir(path: Path, option: str) -> list[Path]:
     except OSError as err:  # a name too long, a parent that is a file, no permission
         raise UsageError(f"cannot create {option} {path}: {err.strerror or err}") from None
     if not os.access(path, os.W_OK | os.X_OK):
+        _remove_made(created)
         raise UsageError(f"{option} {path} is not writable")
     return created
 
@@ -212,19 +209,44 @@ def _make_output_dir(path: Path, option: str) -> list[Path]:
 def _make_folders(path: Path) -> list[Path]:
     """``path.mkdir(parents=True, exist_ok=True)``, returning the folders that this call
     itself made, deepest first (not those another process made meanwhile, nor a step such as
-    ``new/..`` that names an existing folder)."""
-    missing = []
-    while not _exists(path) and path.parent != path:
-        missing.append(path)
-        path = path.parent
-    created = []
-    for folder in reversed(missing):
-        try:
-            os.mkdir(folder)
-        except FileExistsError:
-            continue
-        created.append(folder)
+    ``new/..`` that names an existing folder).  If it fails halfway, what it made is removed
+    again where still empty."""
+    created: list[Path] = []
+    try:
+        for _ in range(_MKDIR_ATTEMPTS):
+            missing, p = [], path
+            while not _exists(p) and p.parent != p:
+                missing.append(p)
+                p = p.parent
+            try:
+                for folder in reversed(missing):
+                    try:
+                        os.mkdir(folder)
+                    except FileExistsError:
+                        continue
+                    created.append(folder)
+                break
+            except FileNotFoundError:  # a parent removed meanwhile (an interrupted train's)
+                continue
+        else:
+            raise OSError("a folder on the way keeps being removed")
+    except BaseException:
+        _remove_made(created[::-1])
+        raise
     return created[::-1]
+
+
+#: times the folders of a path are made again when a parent was removed meanwhile
+_MKDIR_ATTEMPTS = 10
+
+
+def _remove_made(folders: list[Path]) -> None:
+    # the folders given (deepest first), each where still empty, until one is not
+    for folder in folders:
+        try:
+            _remove_empty(folder)
+        except OSError:  # not empty (the run began writing), locked, or gone
+            break
 
 
 def _exists(path: Path) -> bool:
