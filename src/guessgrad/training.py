@@ -416,6 +416,20 @@ def _run_lock(out: Path) -> Iterator[None]:
     raise RunDirectoryConflict(f"cannot lock {out}: its lock file keeps being removed")
 
 
+def remove_unheld_lock(out: Path) -> None:
+    """Remove the lock file of the run directory ``out``, unless a process holds it
+    (``OSError`` then, and the file stays).  It is removed while held here, so a process that
+    waited for it finds, once it has the lock, that its file is gone, and :func:`_run_lock`
+    takes the lock again on a new one."""
+    if fcntl is None:  # pragma: no cover - not POSIX: there is no lock to respect
+        (out / LOCK_FILE).unlink()
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR)  # for writing, as _run_lock opens it
+    with os.fdopen(fd) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if another holds it
+        (out / LOCK_FILE).unlink()
+
+
 #: times the lock of a run directory is taken again when its lock file was removed meanwhile
 _LOCK_ATTEMPTS = 100
 

@@ -17,11 +17,6 @@ from typing import Any
 from ..config import MAX_SEED, METHODS, TrainConfig
 from ..files import LOCK_FILE
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
 __all__ = [
     "UsageError",
     "positive_int",
@@ -258,16 +253,12 @@ def _exists(path: Path) -> bool:
 
 def _remove_empty(folder: Path) -> None:
     """Remove ``folder`` if empty; a run's lock file alone in it (a run stopped before it
-    wrote anything) is removed first, while held, unless another process holds it (a process
-    that waited for it takes the lock again on a new file: ``training._run_lock``)."""
-    if fcntl is not None and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR)  # for writing, as the run took it
-        with os.fdopen(fd) as f:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # OSError if another process holds it
-            (folder / LOCK_FILE).unlink()
-            folder.rmdir()
-    else:
-        folder.rmdir()
+    wrote anything) is removed first, unless another process holds it."""
+    if [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        from ..training import remove_unheld_lock  # only here: torch is loaded by then
+
+        remove_unheld_lock(folder)
+    folder.rmdir()
 
 
 def counted(n: int, noun: str) -> str:
