@@ -633,7 +633,7 @@ def test_an_out_that_cannot_be_made_leaves_none_of_its_folders(tmp_path: Path, c
 
 
 def test_counts_read_in_the_singular_for_one() -> None:
-    from guessgrad.cli.common import counted
+    from guessgrad.text import counted
 
     assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
 

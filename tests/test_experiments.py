@@ -600,7 +600,7 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
         _store_final(tmp_path, cells[0], seed, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2], epochs=300)
     assert (
-        "2 run(s) with guessgrad 9.9 aaaaaaa; 1 run(s) with guessgrad 9.9 bbbbbbb + modified files."
+        "2 runs with guessgrad 9.9 aaaaaaa; 1 run with guessgrad 9.9 bbbbbbb + modified files."
         in markdown
     )
     # a run resumed with other code names each version and where it took over
@@ -613,7 +613,7 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     values = {**sessions[-1], "sessions": sessions}
     _store_final(tmp_path, cells[0], 3, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1, 2, 3], epochs=300)
-    assert "; 1 run(s) with guessgrad 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67)." in markdown
+    assert "; 1 run with guessgrad 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67)." in markdown
     # sessions with source digests: a new commit with the same package files is not named
     digests = ("s1", "s1", "s2")
     sessions = [{**s, "source_digest": d} for s, d in zip(sessions, digests, strict=True)]
@@ -621,7 +621,8 @@ def test_report_names_the_code_of_each_stored_run_once(tmp_path: Path) -> None:
     values = {**sessions[-1], "sessions": sessions}
     _store_final(tmp_path, cells[0], 4, 300, train_accuracy=0.3, test_accuracy=0.2, **values)
     markdown = report(exp, tmp_path, tmp_path, seeds=[4], epochs=300)
-    assert "1 run(s) with guessgrad 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67)." in markdown
+    assert "1 run with guessgrad 9.9 aaaaaaa → 9.9 ccccccc (from epoch 67)." in markdown
+    assert "\n1 seed (4), 300 epochs. " in markdown
     assert "ddddddd" not in markdown
 
 
@@ -635,7 +636,7 @@ def test_report_names_the_hardware_with_its_instruction_set(tmp_path: Path) -> N
         _store_final(tmp_path, cell, seed, 300, train_accuracy=0.3, hardware=hw)
     markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
     note = next(line for line in markdown.splitlines() if "Hardware of the stored runs" in line)
-    assert "AMD EPYC (AVX2), 1 torch thread(s), device cpu; AMD EPYC, 1 torch" in note
+    assert "AMD EPYC (AVX2), 1 torch thread, device cpu; AMD EPYC, 1 torch thread," in note
 
 
 def test_report_draws_learning_curves_of_finished_runs(tmp_path: Path) -> None:
@@ -764,6 +765,37 @@ exp = Experiment(name="long", title="long", cells=(cell,), seeds=2, epochs=10000
 # 400 tasks: the ones no worker has taken fill more than a pipe's buffer (64 KiB) in the queue
 run_tasks(plan(exp, seeds=list(range(400)), epochs=100000), sys.argv[1], jobs=2)
 """
+
+
+def test_temporary_handler_puts_the_previous_handler_back() -> None:
+    """Inside the block the new handler, after it the previous one, also after an exception;
+    in another thread (where handlers cannot be set) the block runs with them unchanged."""
+    import signal
+    import threading
+
+    def previous(signum: int, frame: object) -> None: ...
+
+    def handler(signum: int, frame: object) -> None: ...
+
+    saved = signal.signal(signal.SIGUSR1, previous)
+    try:
+        with pytest.raises(RuntimeError), runner.temporary_handler(signal.SIGUSR1, handler):
+            assert signal.getsignal(signal.SIGUSR1) is handler
+            raise RuntimeError
+        assert signal.getsignal(signal.SIGUSR1) is previous
+        seen: list[object] = []
+
+        def in_thread() -> None:
+            with runner.temporary_handler(signal.SIGUSR1, handler):
+                seen.append(signal.getsignal(signal.SIGUSR1))
+
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+        assert seen == [previous]
+        assert signal.getsignal(signal.SIGUSR1) is previous
+    finally:
+        signal.signal(signal.SIGUSR1, saved)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")

@@ -40,12 +40,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .cli.common import counted
 from .data import mnist1d
 from .estimators import Estimator, ForwardGradient, make_estimator
 from .guesses import Site, WPerpGuess
 from .metrics import subspace_fidelity
 from .models import MLP, linear_layers
+from .text import counted
 from .training import resolve_device
 
 __all__ = [

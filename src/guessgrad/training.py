@@ -49,6 +49,7 @@ from .data import MNIST1D, mnist1d
 from .estimators import Estimator, make_estimator
 from .files import LOCK_FILE, atomic_path, atomic_write_json, atomic_write_text
 from .models import MLP
+from .text import counted
 
 try:
     import fcntl
@@ -88,8 +89,8 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     if index is not None and int(index) >= torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise ValueError(f"device {device!r} requested but there are {count} CUDA device(s)")
+        count = counted(torch.cuda.device_count(), "CUDA device")
+        raise ValueError(f"device {device!r} requested but this machine has {count}")
     if device == "mps" and not (
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):

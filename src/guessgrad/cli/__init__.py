@@ -14,7 +14,6 @@ import difflib
 import os
 import signal
 import sys
-import threading
 import warnings
 from collections.abc import Sequence
 from typing import NoReturn
@@ -103,33 +102,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ..experiments.runner import Terminated, _exit_on_signal, plain_warnings
+    from ..experiments.runner import Terminated, _exit_on_signal, plain_warnings, temporary_handler
 
     formatter = warnings.formatwarning
     plain_warnings()  # for the command's own lines; the caller's formatting comes back after
-    main_thread = threading.current_thread() is threading.main_thread()
     # SIGTERM stops every command as Ctrl-C does (a sweep's pool sets the same handler)
-    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if main_thread else None
-    try:
-        return int(args.func(args) or 0)
-    except UsageError as err:
-        print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, Terminated) as err:
-        kept = _KEPT.get(args.command)
-        more = f": {kept}; run the same command again to resume" if kept else ""
-        what = "terminated" if isinstance(err, Terminated) else "interrupted"
-        print(f"\n{what}{more}.", file=sys.stderr)
-        return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
-    except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as on SIGPIPE
-        try:  # the interpreter's last flush goes nowhere
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO, None)
-            pass
-        return 141
-    finally:
-        warnings.formatwarning = formatter
-        if main_thread:  # None: a handler not set from Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    with temporary_handler(signal.SIGTERM, _exit_on_signal):
+        try:
+            return int(args.func(args) or 0)
+        except UsageError as err:
+            print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except (KeyboardInterrupt, Terminated) as err:
+            kept = _KEPT.get(args.command)
+            more = f": {kept}; run the same command again to resume" if kept else ""
+            what = "terminated" if isinstance(err, Terminated) else "interrupted"
+            print(f"\n{what}{more}.", file=sys.stderr)
+            return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130
+        except BrokenPipeError:  # stdout closed early (``| head``): stop quietly, as on SIGPIPE
+            try:  # the interpreter's last flush goes nowhere
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):  # no file descriptor (a StringIO, None)
+                pass
+            return 141
+        finally:
+            warnings.formatwarning = formatter

@@ -34,7 +34,6 @@ __all__ = [
     "set_threads",
     "output_dir",
     "output_folder",
-    "counted",
 ]
 
 
@@ -259,8 +258,3 @@ def _remove_empty(folder: Path) -> None:
 
         remove_unheld_lock(folder)
     folder.rmdir()
-
-
-def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, in the plural unless n is 1: "1 step", "2 steps"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"

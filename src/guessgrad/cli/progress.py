@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from tqdm import tqdm
 
-from .common import counted
+from ..text import counted
 
 if TYPE_CHECKING:
     from ..experiments.runner import Outcome

@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig
+from ..text import counted
 from .common import (
     DEVICE_HELP,
     UsageError,
     add_estimator_options,
     check_estimator,
-    counted,
     device_name,
     estimator_options,
     make_config,

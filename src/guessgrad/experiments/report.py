@@ -21,6 +21,7 @@ from typing import Any
 from .. import __version__
 from ..curves import draw_curves, read_metrics, seed_std
 from ..files import atomic_path, atomic_write_json, atomic_write_text
+from ..text import counted
 from ..training import describe_code, same_code
 from .runner import RunStore
 from .spec import (
@@ -273,7 +274,11 @@ def _run_notes(
                 cpu = hw.get("cpu", "?")
                 if hw.get("cpu_capability"):
                     cpu += f" ({hw['cpu_capability']})"
-                desc = f"{cpu}, {hw.get('torch_threads', '?')} torch thread(s)"
+                threads = hw.get("torch_threads")
+                if isinstance(threads, int):
+                    desc = f"{cpu}, {counted(threads, 'torch thread')}"
+                else:
+                    desc = f"{cpu}, ? torch threads"
                 desc += f", device {hw.get('device', final.get('device', '?'))}"
                 if hw.get("gpu"):
                     desc += f" ({hw['gpu']})"
@@ -292,7 +297,7 @@ def _run_notes(
     if code:
         notes.append(
             "Code of the stored runs: "
-            + "; ".join(f"{n} run(s) with guessgrad {label}" for label, n in code.items())
+            + "; ".join(f"{counted(n, 'run')} with guessgrad {label}" for label, n in code.items())
             + "."
         )
     return notes
@@ -455,7 +460,8 @@ def render_markdown(
     """The experiment's Markdown: one table per section, the legend and the notes."""
     lines = [f"## {experiment.title}", ""]
     lines.append(
-        f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), {epochs} epochs. "
+        f"{counted(len(seeds), 'seed')} ({', '.join(map(str, seeds))}), "
+        f"{counted(epochs, 'epoch')}. "
         "Each cell: ours, mean ± std over seeds ([n/N] when runs are missing) "
         "(paper, ours − paper; or ours ÷ paper as ×r for variance, bias and time). "
         "— = not computed yet, n/a = estimator not available."
@@ -706,7 +712,7 @@ def draw_figures(
 ) -> list[str]:
     """Draw the experiment's figures into ``out_dir``; return the files drawn."""
     drawn = []
-    subtitle = f"{epochs} epochs, {len(seeds)} seed(s)"
+    subtitle = f"{counted(epochs, 'epoch')}, {counted(len(seeds), 'seed')}"
     colors = experiment.colors()  # a method has one colour in every figure
     for spec in experiment.figures:
         path = out_dir / spec.file
@@ -822,8 +828,8 @@ def report(
     damaged = damaged_runs(experiment, store, seeds, epochs)
     if damaged:
         text = (
-            f"{len(damaged)} run(s) not in the table: their final.json cannot be read as a "
-            "finished run's record; look at it, or remove it for `guessgrad reproduce` to "
+            f"{counted(len(damaged), 'run')} not in the table: their final.json cannot be read "
+            "as a finished run's record; look at it, or remove it for `guessgrad reproduce` to "
             "train the run again (from its checkpoint, where there is one): "
             + ", ".join(str(d / "final.json") for d in damaged)
         )

@@ -25,7 +25,8 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -441,65 +442,69 @@ def _run_pool(
             progress.finished(outcome)
 
     # SIGTERM to this process alone (a job scheduler, `kill`) stops the workers too, as Ctrl-C
-    # does: the handler turns it into an exception, and the except clause below terminates them
-    stop_on_term = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _exit_on_signal) if stop_on_term else None
-    try:  # from the first task queued: an interruption must cancel the queue's feeder thread
-        for idx, task in enumerate(group):
-            tasks.put((idx, task))
-        for _ in range(n):
-            tasks.put(None)
-        for wid in range(n):
-            spawn(wid)
-        next_wid = n
-        while remaining:
+    # does: the handler turns it into an exception, and the except clause below terminates
+    # them; the handler is put back before the workers are joined
+    try:
+        with temporary_handler(signal.SIGTERM, _exit_on_signal):
+            # from the first task queued: an interruption must cancel the queue's feeder thread
             try:
-                kind, wid, idx, outcome = events.get(timeout=0.5)
-            except queue.Empty:
-                kind = None
-            if kind == "start":
-                running[wid] = idx
-            elif kind == "epoch" and progress is not None:
-                progress.advance()
-            elif kind == "done" and idx in remaining:
-                running.pop(wid, None)
-                remaining.discard(idx)
-                finish(outcome)
-            if kind is not None:
-                continue
-            # the queue is drained: look for workers that died
-            for wid, proc in list(workers.items()):
-                if proc.is_alive():
-                    continue
-                del workers[wid]
-                idx = running.pop(wid, None)
-                if proc.exitcode != 0 and idx is not None and idx in remaining:
-                    # it died running a task (killed, out of memory): that task fails, and a
-                    # new worker takes the stop signal it left in the queue
-                    remaining.discard(idx)
-                    why = f"worker died (exit status {proc.exitcode})"
-                    group[idx].log_failure(store, f"{why}: killed, or out of memory?\n")
-                    finish(Outcome(group[idx], "failed", message=why))
-                    spawn(next_wid)
-                    next_wid += 1
-                elif proc.exitcode != 0:
-                    exit_codes.append(proc.exitcode)
-            if not workers:  # every worker has stopped: what is left cannot run
-                why = f"workers exited with {exit_codes}" if exit_codes else "lost with a worker"
-                for idx in sorted(remaining):
-                    group[idx].log_failure(store, why + "\n")
-                    finish(Outcome(group[idx], "failed", message=why))
-                remaining.clear()
-    except BaseException:
-        for proc in workers.values():
-            proc.terminate()
-        # the tasks no worker took stay in the queue's pipe; past its buffer (64 KiB, a few
-        # hundred tasks) the queue's feeder thread would block this process's exit for good
-        tasks.cancel_join_thread()
-        raise
+                for idx, task in enumerate(group):
+                    tasks.put((idx, task))
+                for _ in range(n):
+                    tasks.put(None)
+                for wid in range(n):
+                    spawn(wid)
+                next_wid = n
+                while remaining:
+                    try:
+                        kind, wid, idx, outcome = events.get(timeout=0.5)
+                    except queue.Empty:
+                        kind = None
+                    if kind == "start":
+                        running[wid] = idx
+                    elif kind == "epoch" and progress is not None:
+                        progress.advance()
+                    elif kind == "done" and idx in remaining:
+                        running.pop(wid, None)
+                        remaining.discard(idx)
+                        finish(outcome)
+                    if kind is not None:
+                        continue
+                    # the queue is drained: look for workers that died
+                    for wid, proc in list(workers.items()):
+                        if proc.is_alive():
+                            continue
+                        del workers[wid]
+                        idx = running.pop(wid, None)
+                        if proc.exitcode != 0 and idx is not None and idx in remaining:
+                            # it died running a task (killed, out of memory): that task fails, and a
+                            # new worker takes the stop signal it left in the queue
+                            remaining.discard(idx)
+                            why = f"worker died (exit status {proc.exitcode})"
+                            group[idx].log_failure(store, f"{why}: killed, or out of memory?\n")
+                            finish(Outcome(group[idx], "failed", message=why))
+                            spawn(next_wid)
+                            next_wid += 1
+                        elif proc.exitcode != 0:
+                            exit_codes.append(proc.exitcode)
+                    if not workers:  # every worker has stopped: what is left cannot run
+                        why = (
+                            f"workers exited with {exit_codes}"
+                            if exit_codes
+                            else "lost with a worker"
+                        )
+                        for idx in sorted(remaining):
+                            group[idx].log_failure(store, why + "\n")
+                            finish(Outcome(group[idx], "failed", message=why))
+                        remaining.clear()
+            except BaseException:
+                for proc in workers.values():
+                    proc.terminate()
+                # the tasks no worker took stay in the queue's pipe; past its buffer (64 KiB, a few
+                # hundred tasks) the queue's feeder thread would block this process's exit for good
+                tasks.cancel_join_thread()
+                raise
     finally:
-        if stop_on_term:  # None: a handler not set from Python, which cannot be put back
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
         for proc in workers.values():
             proc.join(timeout=30)
             if proc.is_alive():  # SIGTERM was not enough (a worker ignores a second one)
@@ -516,14 +521,25 @@ def start_ignoring_sigint(proc: Any) -> None:
     ignored across ``exec`` and Python's start-up, so the worker is born ignoring it.  Only
     in the main thread (the only one that may set handlers); a Ctrl-C to this process during
     the start itself (milliseconds) is lost."""
+    with temporary_handler(signal.SIGINT, signal.SIG_IGN):
+        proc.start()
+
+
+@contextmanager
+def temporary_handler(signum: int, handler: Any) -> Iterator[None]:
+    """``handler`` for signal ``signum`` inside the block, the previous one after it.
+
+    Only the main thread may set handlers: elsewhere the block runs with the handlers as they
+    are.  A previous handler not set from Python (``signal.signal`` returns None for it) cannot
+    be put back; the default one is."""
     if threading.current_thread() is not threading.main_thread():
-        proc.start()
+        yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = signal.signal(signum, handler)
     try:
-        proc.start()
+        yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
 
 
 class Terminated(SystemExit):
