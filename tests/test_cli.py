@@ -296,15 +296,25 @@ def test_a_method_no_experiment_has_is_an_error() -> None:
 
 @pytest.mark.parametrize("command", [["train", "--width", "8"], ["reproduce", "table3"]])
 def test_an_unusable_out_is_one_line_and_status_2(tmp_path: Path, capsys, command) -> None:
-    """--out naming a file, or below one: an error before any work, not a traceback."""
+    """--out naming a file, or below one, or a link to nowhere (or below one): an error before
+    any work, not a traceback."""
     afile = tmp_path / "afile"
     afile.write_text("")
-    for out, message in [(afile, "is a file"), (afile / "sub", "cannot create")]:
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    missing = f"{link} is a link to {tmp_path / 'nowhere'}, which is missing"
+    for out, message in [
+        (afile, "is a file"),
+        (afile / "sub", "cannot create"),
+        (link, missing),
+        (link / "sub", missing),
+    ]:
         assert main([*command, "--epochs", "1", "--out", str(out)]) == 2
         stdout, err = capsys.readouterr()
         assert stdout == "" and len(err.strip().splitlines()) == 1
         assert message in err and str(out) in err and "Traceback" not in err
     assert afile.read_text() == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link"]
 
 
 @pytest.mark.parametrize("command", [["report"], ["reproduce", "--report-only"]])

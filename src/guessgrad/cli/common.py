@@ -217,6 +217,12 @@ def _make_folders(path: Path) -> list[Path]:
                     try:
                         os.mkdir(folder)
                     except FileExistsError:
+                        if folder.is_symlink() and not _exists(folder):
+                            # (not FileNotFoundError, which means a parent removed meanwhile)
+                            target = os.readlink(folder)
+                            raise OSError(
+                                f"{folder} is a link to {target}, which is missing"
+                            ) from None
                         continue
                     created.append(folder)
                 break
