@@ -102,6 +102,24 @@ def test_train_prints_about_twenty_lines_without_a_terminal(capsys) -> None:
     assert printed == [1, *range(5, 101, 5)]
 
 
+def test_a_sweep_on_a_terminal_tallies_its_tasks_beside_the_bar(monkeypatch) -> None:
+    from guessgrad.experiments.runner import Outcome
+
+    class Task:
+        def label(self) -> str:
+            return "W̃ᵀ w64 s0"
+
+    monkeypatch.setattr(progress, "_is_terminal", lambda stream: True)
+    sweep = SweepProgress(quiet=False)
+    sweep.phase("training", 1, 300, "epoch")
+    assert sweep.bar is not None and sweep.bar.postfix == "0/1 run done"
+    sweep.finished(Outcome(Task(), "done", result={}, seconds=1.0))  # type: ignore[arg-type]
+    assert sweep.bar.postfix == "1/1 run done"
+    sweep.phase("measuring", 3, 3, "task")
+    assert sweep.bar.postfix == "0/3 measurements done"
+    sweep.close()
+
+
 def test_train_on_a_terminal_shows_a_bar_at_the_run_s_epoch_and_quiet_shows_nothing(
     capsys, monkeypatch
 ) -> None:

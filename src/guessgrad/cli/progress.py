@@ -92,7 +92,7 @@ class SweepProgress:
         self.tasks = 0
         self.count = 0
         self.failed: list[Outcome] = []
-        self.name, self.unit = "", ""
+        self.name, self.unit, self.noun = "", "", ""
         self.total = self.done = self.next_line = 0
         self.started = time.perf_counter()
 
@@ -110,12 +110,12 @@ class SweepProgress:
         self.name, self.unit, self.total, self.done = name, unit, total, 0
         self.next_line = self._step()
         self.started = time.perf_counter()
-        noun = "run" if unit == "epoch" else "measurement"
+        noun = self.noun = "run" if unit == "epoch" else "measurement"
         if self.quiet:
             return
         if _is_terminal(self.stream):
             self.bar = tqdm(total=total, desc=name, unit=unit, file=self.stream)
-            self.bar.set_postfix_str(f"0/{tasks} {noun}s")
+            self.bar.set_postfix_str(self._tally())
         else:
             extra = f", {counted(total, 'epoch')}" if unit == "epoch" else ""
             self._write(f"{name}: {counted(tasks, noun)}{extra}")
@@ -154,7 +154,10 @@ class SweepProgress:
             else:
                 self._write(f"{head} ({outcome.seconds:.0f} s)")
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.count}/{self.tasks} done")
+            self.bar.set_postfix_str(self._tally())
+
+    def _tally(self) -> str:
+        return f"{self.count}/{counted(self.tasks, self.noun)} done"
 
     def _close_bar(self) -> None:
         if self.bar is not None:
