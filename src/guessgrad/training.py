@@ -10,6 +10,8 @@ Every run is described by a :class:`TrainConfig`; :func:`train` writes
   ``test_accuracy``, ``wall_seconds``);
 - ``checkpoint.pt``: model, optimizer, estimator state and RNG states after the last
   finished epoch, so an interrupted run resumes where it stopped with the same result;
+- ``model.pt``: the final weights (the model's ``state_dict``), written just before
+  ``final.json``, after which the checkpoint is removed;
 - ``final.json``: final train/test accuracy on the full sets, ``wall_seconds``, ``steps``
   and the config, written last and atomically: its presence means the run is complete.
 

@@ -1,7 +1,8 @@
 """``guessgrad train``: one training run with the defaults of the paper's §4.
 
-Writes ``config.json``, ``metrics.jsonl`` and, at the end, ``final.json`` and the learning
-curves ``curves.png`` into ``--out``
+Writes ``config.json``, ``metrics.jsonl``, ``checkpoint.pt`` after each epoch (removed at the
+end) and, at the end, ``final.json``, the weights ``model.pt`` and the learning curves
+``curves.png`` into ``--out``
 (default ``results/runs/<slug>``, the run store of ``guessgrad reproduce``, so a run trained
 here is reused by the experiments and a finished run is not trained again).
 """
