@@ -643,7 +643,7 @@ def test_device_names_are_checked_before_anything_runs(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert resolve("cuda:0") == torch.device("cuda:0")
-    with pytest.raises(ValueError, match=r"'cuda:7' requested but there are 1 CUDA device"):
+    with pytest.raises(ValueError, match=r"'cuda:7' requested but this machine has 1 CUDA device$"):
         resolve("cuda:7")
 
 
