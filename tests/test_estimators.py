@@ -413,6 +413,13 @@ def bad_batch_cases(model, x, y):
             "NaN or infinite",
         ),
         ("label too big", x, y.clone().fill_(4), ValueError, "label 4 out of range for 4"),
+        (  # both wrong: the labels are named first
+            "label too big and nan x",
+            x.clone().index_fill_(0, torch.tensor([1]), float("nan")),
+            y.clone().fill_(4),
+            ValueError,
+            "label 4 out of range for 4",
+        ),
         (
             "negative label",
             x,

@@ -67,11 +67,13 @@ def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
     if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
     classes = layers[-1].out_features
-    labels = y.long()  # min/max are missing for some unsigned dtypes; any too large wraps < 0
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        bad = y[(labels < 0) | (labels >= classes)][0].item()
-        raise ValueError(f"label {bad} out of range for {classes} classes")
-    if not bool(torch.isfinite(x).all()):
+    labels = y.long()  # any unsigned label too large for int64 wraps below 0
+    out_of_range = (labels < 0) | (labels >= classes)
+    # one test for both, so that a batch on a GPU waits for the device once, not three times
+    if bool(out_of_range.any() | ~torch.isfinite(x).all()):
+        if bool(out_of_range.any()):
+            bad = y[out_of_range][0].item()
+            raise ValueError(f"label {bad} out of range for {classes} classes")
         raise ValueError("x contains NaN or infinite values")
 
 
