@@ -76,6 +76,23 @@ def test_train_starts_from_initial_model(data: MNIST1D, tmp_path: Path) -> None:
         assert torch.allclose(trained[name], p, atol=1e-8), name
 
 
+def test_on_step_gets_each_batch_loss_and_the_epoch_loss_is_their_mean(data: MNIST1D) -> None:
+    """``on_step`` receives the step index and the batch's loss as a 0-dim tensor (read
+    without waiting for the device only where the caller asks); the epoch's ``train_loss`` is
+    the batch-size-weighted mean of those losses, summed in float64 as Python floats are."""
+    steps: list[tuple[int, torch.Tensor]] = []
+    lines: list[dict] = []
+    config = _config(batch_size=100, epochs=2)  # 256 examples: batches of 100, 100 and 56
+    train(config, data=data, on_epoch=lines.append, on_step=lambda i, loss: steps.append((i, loss)))
+    assert [i for i, _ in steps] == list(range(1, 7))
+    assert all(isinstance(loss, torch.Tensor) and loss.dim() == 0 for _, loss in steps)
+    for epoch, line in enumerate(lines):
+        total = 0.0
+        for (_, loss), size in zip(steps[3 * epoch : 3 * epoch + 3], (100, 100, 56), strict=True):
+            total += float(loss) * size
+        assert line["train_loss"] == total / 256
+
+
 def test_files_and_formats(data: MNIST1D, tmp_path: Path) -> None:
     final = train(_config(), out_dir=tmp_path, data=data)
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -350,7 +350,7 @@ def train(
     out_dir: str | Path | None = None,
     data: MNIST1D | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, Tensor], None] | None = None,
 ) -> dict[str, Any]:
     """Train an MLP on MNIST-1D with ``config``; return the content of ``final.json``.
 
@@ -358,7 +358,8 @@ def train(
     without training; if it holds a ``checkpoint.pt`` of the same config, training resumes
     from it.  Either of another config raises :class:`RunDirectoryConflict` (nothing is
     overwritten).  ``on_epoch`` receives each epoch's metrics line; ``on_step`` the step index
-    and loss.
+    and the batch's loss, a 0-dim tensor on the device (``float(loss)`` waits for the device,
+    which the training loop itself does once per epoch).
 
     While it trains, ``out_dir`` is locked (``.lock``, POSIX ``flock``): a second process
     training the same run waits for the first, with a warning, and then finds it finished.
@@ -492,7 +493,7 @@ def _train(
     out: Path | None,
     data: MNIST1D | None,
     on_epoch: Callable[[dict[str, Any]], None] | None,
-    on_step: Callable[[int, float], None] | None,
+    on_step: Callable[[int, Tensor], None] | None,
 ) -> dict[str, Any]:
     """:func:`train` once ``out`` (if any) is locked: the stored run is read again, since
     another process may have trained it meanwhile."""
@@ -555,7 +556,9 @@ def _train(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
-        loss_sum, seen = 0.0, 0
+        # summed on the device in float64 (as Python floats would be), read once per epoch:
+        # a step on a GPU does not wait for its loss
+        loss_total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
         for i in range(0, n, config.batch_size):
             idx = perm[i : i + config.batch_size]
             try:
@@ -579,13 +582,11 @@ def _train(
                 ) from err
             optimizer.step()
             steps += 1
-            loss_value = float(loss)
-            loss_sum += loss_value * idx.shape[0]
+            loss_total += loss.double() * idx.shape[0]
             seen += idx.shape[0]
             if on_step is not None:
-                on_step(steps, loss_value)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+                on_step(steps, loss)
+        loss_sum = float(loss_total)  # waits for the device to finish the epoch's steps
         wall += time.perf_counter() - t0
         _, train_acc = evaluate(model, data.x_train, data.y_train)
         _, test_acc = evaluate(model, data.x_test, data.y_test)

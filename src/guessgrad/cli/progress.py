@@ -43,7 +43,7 @@ class TrainProgress:
         self._first_step: float | None = None
         self._steps = 0
 
-    def on_step(self, _step: int, _loss: float) -> None:
+    def on_step(self, _step: int, _loss: object) -> None:
         if self._first_step is None:
             self._first_step = time.perf_counter()
         self._steps += 1
