@@ -556,9 +556,10 @@ def _train(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
-        # summed on the device in float64 (as Python floats would be), read once per epoch:
-        # a step on a GPU does not wait for its loss
-        loss_total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+        # the batches' losses stay on the device until the epoch's end, then are read at once:
+        # a step on a GPU does not wait for its loss (no float64 on the device: MPS has none)
+        losses: list[Tensor] = []
+        sizes: list[int] = []
         for i in range(0, n, config.batch_size):
             idx = perm[i : i + config.batch_size]
             try:
@@ -582,11 +583,16 @@ def _train(
                 ) from err
             optimizer.step()
             steps += 1
-            loss_total += loss.double() * idx.shape[0]
-            seen += idx.shape[0]
+            losses.append(loss)
+            sizes.append(idx.shape[0])
             if on_step is not None:
                 on_step(steps, loss)
-        loss_sum = float(loss_total)  # waits for the device to finish the epoch's steps
+        # one read, which waits for the device to finish the epoch's steps
+        values = torch.stack(losses).tolist()
+        loss_sum = 0.0  # summed in step order, as each step's float used to be
+        for value, size in zip(values, sizes, strict=True):
+            loss_sum += value * size
+        seen = sum(sizes)
         wall += time.perf_counter() - t0
         _, train_acc = evaluate(model, data.x_train, data.y_train)
         _, test_acc = evaluate(model, data.x_test, data.y_test)
