@@ -303,18 +303,21 @@ def test_an_unusable_out_is_one_line_and_status_2(tmp_path: Path, capsys, comman
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")
     missing = f"{link} is a link to {tmp_path / 'nowhere'}, which is missing"
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # a link that cannot be followed is not called missing
     for out, message in [
         (afile, "is a file"),
         (afile / "sub", "cannot create"),
         (link, missing),
         (link / "sub", missing),
+        (loop, "is not writable"),
     ]:
         assert main([*command, "--epochs", "1", "--out", str(out)]) == 2
         stdout, err = capsys.readouterr()
         assert stdout == "" and len(err.strip().splitlines()) == 1
         assert message in err and str(out) in err and "Traceback" not in err
     assert afile.read_text() == ""
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link", "loop"]
 
 
 @pytest.mark.parametrize("command", [["report"], ["reproduce", "--report-only"]])

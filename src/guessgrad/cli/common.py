@@ -217,12 +217,7 @@ def _make_folders(path: Path) -> list[Path]:
                     try:
                         os.mkdir(folder)
                     except FileExistsError:
-                        if folder.is_symlink() and not _exists(folder):
-                            # (not FileNotFoundError, which means a parent removed meanwhile)
-                            target = os.readlink(folder)
-                            raise OSError(
-                                f"{folder} is a link to {target}, which is missing"
-                            ) from None
+                        _check_link_target(folder)
                         continue
                     created.append(folder)
                 break
@@ -234,6 +229,21 @@ def _make_folders(path: Path) -> list[Path]:
         _remove_made(created[::-1])
         raise
     return created[::-1]
+
+
+def _check_link_target(folder: Path) -> None:
+    # an OSError (not FileNotFoundError, which _make_folders takes for a parent removed
+    # meanwhile) where ``folder`` is a link whose target does not exist; any other state
+    # (a folder, a link to one, a target that cannot be reached) is left to the later checks
+    try:
+        os.stat(folder)
+    except FileNotFoundError:
+        if os.path.islink(folder):
+            raise OSError(
+                f"{folder} is a link to {os.readlink(folder)}, which is missing"
+            ) from None
+    except OSError:
+        pass
 
 
 #: times the folders of a path are made again when a parent was removed meanwhile
