@@ -441,6 +441,54 @@ def _run_pool(
                 progress.advance()
             progress.finished(outcome)
 
+    def serve() -> None:
+        """Queue the tasks, start the workers, and collect events until every task is done."""
+        for idx, task in enumerate(group):
+            tasks.put((idx, task))
+        for _ in range(n):
+            tasks.put(None)
+        for wid in range(n):
+            spawn(wid)
+        next_wid = n
+        while remaining:
+            try:
+                kind, wid, idx, outcome = events.get(timeout=0.5)
+            except queue.Empty:
+                kind = None
+            if kind == "start":
+                running[wid] = idx
+            elif kind == "epoch" and progress is not None:
+                progress.advance()
+            elif kind == "done" and idx in remaining:
+                running.pop(wid, None)
+                remaining.discard(idx)
+                finish(outcome)
+            if kind is not None:
+                continue
+            # the queue is drained: look for workers that died
+            for wid, proc in list(workers.items()):
+                if proc.is_alive():
+                    continue
+                del workers[wid]
+                idx = running.pop(wid, None)
+                if proc.exitcode != 0 and idx is not None and idx in remaining:
+                    # it died running a task (killed, out of memory): that task fails, and a
+                    # new worker takes the stop signal it left in the queue
+                    remaining.discard(idx)
+                    why = f"worker died (exit status {proc.exitcode})"
+                    group[idx].log_failure(store, f"{why}: killed, or out of memory?\n")
+                    finish(Outcome(group[idx], "failed", message=why))
+                    spawn(next_wid)
+                    next_wid += 1
+                elif proc.exitcode != 0:
+                    exit_codes.append(proc.exitcode)
+            if not workers:  # every worker has stopped: what is left cannot run
+                why = f"workers exited with {exit_codes}" if exit_codes else "lost with a worker"
+                for idx in sorted(remaining):
+                    group[idx].log_failure(store, why + "\n")
+                    finish(Outcome(group[idx], "failed", message=why))
+                remaining.clear()
+
     # SIGTERM to this process alone (a job scheduler, `kill`) stops the workers too, as Ctrl-C
     # does: the handler turns it into an exception, and the except clause below terminates
     # them; the handler is put back before the workers are joined
@@ -448,55 +496,7 @@ def _run_pool(
         with temporary_handler(signal.SIGTERM, _exit_on_signal):
             # from the first task queued: an interruption must cancel the queue's feeder thread
             try:
-                for idx, task in enumerate(group):
-                    tasks.put((idx, task))
-                for _ in range(n):
-                    tasks.put(None)
-                for wid in range(n):
-                    spawn(wid)
-                next_wid = n
-                while remaining:
-                    try:
-                        kind, wid, idx, outcome = events.get(timeout=0.5)
-                    except queue.Empty:
-                        kind = None
-                    if kind == "start":
-                        running[wid] = idx
-                    elif kind == "epoch" and progress is not None:
-                        progress.advance()
-                    elif kind == "done" and idx in remaining:
-                        running.pop(wid, None)
-                        remaining.discard(idx)
-                        finish(outcome)
-                    if kind is not None:
-                        continue
-                    # the queue is drained: look for workers that died
-                    for wid, proc in list(workers.items()):
-                        if proc.is_alive():
-                            continue
-                        del workers[wid]
-                        idx = running.pop(wid, None)
-                        if proc.exitcode != 0 and idx is not None and idx in remaining:
-                            # it died running a task (killed, out of memory): that task fails, and a
-                            # new worker takes the stop signal it left in the queue
-                            remaining.discard(idx)
-                            why = f"worker died (exit status {proc.exitcode})"
-                            group[idx].log_failure(store, f"{why}: killed, or out of memory?\n")
-                            finish(Outcome(group[idx], "failed", message=why))
-                            spawn(next_wid)
-                            next_wid += 1
-                        elif proc.exitcode != 0:
-                            exit_codes.append(proc.exitcode)
-                    if not workers:  # every worker has stopped: what is left cannot run
-                        why = (
-                            f"workers exited with {exit_codes}"
-                            if exit_codes
-                            else "lost with a worker"
-                        )
-                        for idx in sorted(remaining):
-                            group[idx].log_failure(store, why + "\n")
-                            finish(Outcome(group[idx], "failed", message=why))
-                        remaining.clear()
+                serve()
             except BaseException:
                 for proc in workers.values():
                     proc.terminate()
