@@ -1,10 +1,14 @@
 """The fast W̃⊥ solver against the exact SVD: subspace energy fidelity and Eq. 17/18 statistics.
 
-    python scripts/solver_agreement.py RUN_DIR [--k 10] [--samples 16] [--warm 5] [--fidelity-only]
+    python scripts/solver_agreement.py RUN_DIR [--k 10] [--block B] [--ritz-iters 2]
+        [--samples 16] [--warm 5] [--fidelity-only]
 
 RUN_DIR holds a ``model.pt`` of an MLP trained by ``guessgrad train`` (its ``config.json``
 gives the width); everything is measured on the first 512 training examples, on those weights
 and at the seed's initialisation.
+
+``--block`` and ``--ritz-iters`` are the fast solver's options (``gg.WPerp``'s ``block`` and
+``ritz_iters``; defaults k and 2).
 
 - Fidelity: mean_b tr(Vᵀ G_b V) / Σ_{j≤k} λ_j(G_b) of ``WPerp(k, solver="subspace")`` per
   hidden layer solved by block Krylov (1.0 = the exact top-k subspace), after ``--warm``
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,11 +31,12 @@ from guessgrad.bench import layer_fidelities
 
 
 def fidelity_rows(
-    models: dict[str, torch.nn.Sequential], x, y, warm: int, k: int = 10
+    models: dict[str, torch.nn.Sequential], x, y, warm: int, k: int = 10, **fast: Any
 ) -> list[str]:
+    """``fast``: options of the fast solver (``block``, ``ritz_iters``)."""
     rows = ["| weights | layer | fidelity |", "|---|---|---|"]
     for label, model in models.items():
-        est = gg.WPerp(k=k, solver="subspace")
+        est = gg.WPerp(k=k, solver="subspace", **fast)
         gen = torch.Generator().manual_seed(0)
         for _ in range(warm):  # moves the warm start on; the weights are not updated
             est.estimate(model, x, y, generator=gen)
@@ -40,8 +46,9 @@ def fidelity_rows(
 
 
 def statistics_rows(
-    models: dict[str, torch.nn.Sequential], x, y, samples: int, k: int = 10
+    models: dict[str, torch.nn.Sequential], x, y, samples: int, k: int = 10, **fast: Any
 ) -> list[str]:
+    """``fast``: options of the fast solver (``block``, ``ritz_iters``)."""
     rows = [
         "| weights | layer | bias svd | bias subspace | ratio "
         "| variance svd | variance subspace | ratio |",
@@ -50,7 +57,7 @@ def statistics_rows(
     for label, model in models.items():
         stats = {}
         for solver in ("svd", "subspace"):
-            est = gg.WPerp(k=k, solver=solver)
+            est = gg.WPerp(k=k, solver=solver, **(fast if solver == "subspace" else {}))
             gen = torch.Generator().manual_seed(0)
             stats[solver] = gg.diagnose(model, x, y, est, samples=samples, generator=gen)
         for a, b in zip(stats["svd"], stats["subspace"]):
@@ -66,10 +73,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--k", type=int, default=10, help="subspace size (default: 10)")
+    parser.add_argument(
+        "--block", type=int, default=None, help="Krylov block size (default: k, as WPerp's)"
+    )
+    parser.add_argument(
+        "--ritz-iters", type=int, default=None, help="Rayleigh–Ritz rounds (default: WPerp's, 2)"
+    )
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--warm", type=int, default=5, help="estimates before the fidelity")
     parser.add_argument("--fidelity-only", action="store_true")
     args = parser.parse_args(argv)
+    fast = {
+        name: value
+        for name, value in (("block", args.block), ("ritz_iters", args.ritz_iters))
+        if value is not None
+    }
     config = json.loads((args.run_dir / "config.json").read_text())["config"]
     data = gg.data.mnist1d()
     x, y = data.x_train[:512], data.y_train[:512]
@@ -79,10 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     trained = gg.MLP(widths)
     trained.load_state_dict(torch.load(args.run_dir / "model.pt"))
     models = {"init": init, "trained": trained}
-    print("\n".join(fidelity_rows(models, x, y, args.warm, args.k)))
+    print("\n".join(fidelity_rows(models, x, y, args.warm, args.k, **fast)))
     if not args.fidelity_only:
         print()
-        print("\n".join(statistics_rows(models, x, y, args.samples, args.k)))
+        print("\n".join(statistics_rows(models, x, y, args.samples, args.k, **fast)))
 
 
 if __name__ == "__main__":

@@ -474,6 +474,9 @@ def test_bad_batches_are_rejected(estimator_case, index, model, batch):
         ({"k": 3, "solver": "subspace", "depth": True}, "depth=True"),
         ({"k": 3, "solver": "newton-schulz", "refresh": True}, "refresh=True"),
         ({"k": 3, "solver": "subspace", "block": 0}, "block=0"),
+        ({"k": 3, "solver": "subspace", "ritz_iters": 0}, "ritz_iters=0"),
+        ({"k": 3, "solver": "subspace", "ritz_iters": True}, "ritz_iters=True"),
+        ({"k": 3, "solver": "subspace", "ritz_iters": 2.0}, "ritz_iters=2.0"),
         ({"k": 9, "solver": "subspace", "block": 2, "depth": 1}, "smaller than k=9"),
     ],
 )

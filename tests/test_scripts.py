@@ -95,9 +95,10 @@ def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
         ("trained", "1"),
     ]
     assert all(0.5 < float(r[3]) <= 1.0 + 1e-6 for r in rows)
-    # with k = 2 the last hidden layer (10 rows above it) is solved by block Krylov too
+    # with k = 2 the last hidden layer (10 rows above it) is solved by block Krylov too; a
+    # block larger than k is taken
     proc = subprocess.run(
-        [*cmd, "--fidelity-only", "--warm", "1", "--k", "2"],
+        [*cmd, "--fidelity-only", "--warm", "1", "--k", "2", "--block", "3", "--ritz-iters", "3"],
         capture_output=True,
         text=True,
         timeout=600,

@@ -177,6 +177,32 @@ def test_subspace_solver_fidelity_over_steps():
         assert state["start"].shape[0] == 4
 
 
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_ritz_iters_converge_to_the_top_ritz_vector_on_a_flat_top(seed):
+    """k = 1, block 4, σ_j = 0.97^j (λ_2/λ_1 = 0.94): the Krylov space is the same whatever
+    ``ritz_iters``, and with enough rounds the guess's direction is its top Ritz vector (the
+    Rayleigh quotient reaches the largest eigenvalue of G on the space, computed here by QR
+    and ``eigvalsh`` in float64); the default two rounds stop short on so flat a top."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = 24, 20
+    u = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=F64))[0][:, :n]
+    v = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))[0]
+    weight = (u * 0.97 ** torch.arange(n, dtype=F64)) @ v.T
+    site = make_site(weight, torch.ones(2, n, dtype=F64))  # every unit on: P_b = I
+    gram = weight.T @ weight
+    start = wperp._initial_start(4, n, F64, torch.device("cpu"))
+    krylov = torch.cat([start, start @ gram, start @ gram @ gram]).T  # (n, 12), depth 2
+    q = torch.linalg.qr(krylov)[0]
+    top = torch.linalg.eigvalsh(q.T @ gram @ q)[-1]
+
+    def shortfall(**options):
+        basis, _ = WPerpGuess(1, solver="subspace", block=4, **options).basis(site, {})
+        return 1 - ((basis @ gram) * basis).sum(-1).squeeze(-1) / top  # (B,)
+
+    assert float(shortfall(ritz_iters=30).abs().max()) < 1e-8
+    assert float(shortfall().min()) > 1e-3
+
+
 def test_subspace_solver_closed_form_for_few_rows():
     """Next layer with m ≤ k rows: the exact row space (unbiased), as the SVD gives."""
     site = random_site(4, 9, 6, seed=4, dead=(2,))

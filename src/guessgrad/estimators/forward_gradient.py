@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..guesses import Guess, IsotropicGuess, Site, WPerpGuess, WPrecondGuess, WTransposeGuess
 from ..guesses.wperp import DEFAULT_CHUNK, NS_REFRESH
-from ..solvers.subspace import DEFAULT_DEPTH
+from ..solvers.subspace import DEFAULT_DEPTH, DEFAULT_RITZ_ITERS
 from .base import Estimator
 from .forward_mode import TangentPass, tangent_forward
 
@@ -138,8 +138,8 @@ class WPerp(ForwardGradient):
         solver: ``"subspace"`` (block Krylov, fast; the default), ``"svd"`` (exact, the
             paper's construction; needed for ``subspace="bottom"``) or
             ``"newton-schulz"`` (the paper's W̃⊥-NS, §2.6).
-        depth, block, chunk: block Krylov depth, block size and examples per solve for
-            ``solver="subspace"``.
+        depth, block, chunk, ritz_iters: block Krylov depth, block size, examples per solve
+            and rounds of the small Rayleigh–Ritz iteration for ``solver="subspace"``.
         refresh: steps between σ_k/σ_1 estimates for ``solver="newton-schulz"``.
     """
 
@@ -155,9 +155,19 @@ class WPerp(ForwardGradient):
         block: int | None = None,
         chunk: int | None = DEFAULT_CHUNK,
         refresh: int = NS_REFRESH,
+        ritz_iters: int = DEFAULT_RITZ_ITERS,
     ) -> None:
         super().__init__(
-            WPerpGuess(k, subspace, solver, depth=depth, block=block, chunk=chunk, refresh=refresh)
+            WPerpGuess(
+                k,
+                subspace,
+                solver,
+                depth=depth,
+                block=block,
+                chunk=chunk,
+                refresh=refresh,
+                ritz_iters=ritz_iters,
+            )
         )
 
     def options(self) -> dict[str, Any]:
@@ -165,7 +175,7 @@ class WPerp(ForwardGradient):
         assert isinstance(g, WPerpGuess)
         opts: dict[str, Any] = {"k": g.k, "subspace": g.subspace, "solver": g.solver}
         if g.solver == "subspace":
-            opts.update(depth=g.depth, block=g.block, chunk=g.chunk)
+            opts.update(depth=g.depth, block=g.block, chunk=g.chunk, ritz_iters=g.ritz_iters)
         if g.solver == "newton-schulz":
             opts.update(refresh=g.refresh)
         return opts

@@ -67,6 +67,7 @@ from ..solvers.newton_schulz import (
 )
 from ..solvers.subspace import (
     DEFAULT_DEPTH,
+    DEFAULT_RITZ_ITERS,
     exact_row_space,
     krylov_ritz,
     next_start,
@@ -108,7 +109,15 @@ class WPerpGuess(Guess):
             ``"subspace"`` or ``"newton-schulz"``; the ``WPerp`` estimator defaults to
             ``"subspace"``.
         depth: block Krylov depth for ``solver="subspace"`` (cost: depth + 1 block products).
-        block: Krylov block size for ``solver="subspace"``; defaults to k.
+        block: Krylov block size for ``solver="subspace"``; defaults to k.  A block larger
+            than k (oversampling) widens the search space.
+        ritz_iters: rounds of subspace iteration (each: T⁴ on k vectors, then a k × k
+            Cholesky) that find the top-k eigenvectors of the small Rayleigh–Ritz matrix T of
+            ``solver="subspace"`` (:func:`~guessgrad.solvers.subspace.krylov_ritz`).  The
+            default, 2, suits k = 10; with k = 1 and a flat top of the spectrum (λ_2/λ_1 ≈ 0.9
+            at initialisation) the Ritz vector converges only with more rounds and a block
+            larger than k (``block=4, ritz_iters=8``; docs/benchmarks.md, "The other k of
+            Table 1").
         chunk: examples whose Krylov blocks are held at once by ``solver="subspace"``; bounds
             the solver's extra memory instead of letting it grow with the batch.  ``None``
             (default) picks the largest chunk whose Krylov blocks, (depth + 2)·block·n
@@ -132,11 +141,20 @@ class WPerpGuess(Guess):
         block: int | None = None,
         chunk: int | None = DEFAULT_CHUNK,
         refresh: int = NS_REFRESH,
+        ritz_iters: int = DEFAULT_RITZ_ITERS,
     ) -> None:
         # integers of any kind (NumPy's too) are taken as ints, booleans are not
-        refresh, chunk, depth, block = map(_integer, (refresh, chunk, depth, block))
+        refresh, chunk, depth, block, ritz_iters = map(
+            _integer, (refresh, chunk, depth, block, ritz_iters)
+        )
         k = k if k == "rank" else _integer(k)
-        for name, value in (("k", k), ("depth", depth), ("block", block), ("chunk", chunk)):
+        for name, value in (
+            ("k", k),
+            ("depth", depth),
+            ("block", block),
+            ("chunk", chunk),
+            ("ritz_iters", ritz_iters),
+        ):
             if isinstance(value, bool):
                 raise ValueError(f"{name} must be an integer, got {name}={value!r}")
         if isinstance(refresh, bool):
@@ -165,6 +183,10 @@ class WPerpGuess(Guess):
             raise ValueError("k='rank' is defined for subspace='top' only")
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative integer, got depth={depth!r}")
+        if not isinstance(ritz_iters, int) or ritz_iters < 1:
+            raise ValueError(
+                f"ritz_iters must be a positive integer, got ritz_iters={ritz_iters!r}"
+            )
         if block is not None and (not isinstance(block, int) or block < 1):
             raise ValueError(f"block must be a positive integer, got block={block!r}")
         if block is not None and isinstance(k, int) and block * (depth + 1) < k:
@@ -179,6 +201,7 @@ class WPerpGuess(Guess):
         self.block = block
         self.chunk = chunk
         self.refresh = refresh
+        self.ritz_iters = ritz_iters
 
     def basis(self, site: Site, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Rows spanning the guessing subspace, ``(B, r, n)``, and the state updates."""
@@ -258,7 +281,14 @@ class WPerpGuess(Guess):
             start = start.to(dtype=jac.dtype, device=jac.device)
         per_example = (self.depth + 2) * b * jac.cols * _itemsize(jac.dtype)
         chunk = self.chunk or max(1, CHUNK_BYTES // per_example)
-        ritz = krylov_ritz(jac, min(k, jac.cols), start, depth=self.depth, chunk=chunk)
+        ritz = krylov_ritz(
+            jac,
+            min(k, jac.cols),
+            start,
+            depth=self.depth,
+            ritz_iters=self.ritz_iters,
+            chunk=chunk,
+        )
         return ritz, next_start(ritz.power, start)
 
     def sample(
