@@ -7,6 +7,10 @@ RUN_DIR holds a ``model.pt`` of an MLP trained by ``guessgrad train`` (its ``con
 gives the width); everything is measured on the first 512 training examples, on those weights
 and at the seed's initialisation.
 
+- Spectral gaps (``--gaps``, instead of the above): the 10%, 50% and 90% quantiles over the
+  examples of λ_{k+1}(G_b)/λ_k(G_b) per hidden layer, from the exact singular values (near 1:
+  a flat top, where the top-k subspace is hard to pin down).
+
 ``--block`` and ``--ritz-iters`` are the fast solver's options (``gg.WPerp``'s ``block`` and
 ``ritz_iters``; defaults k and 2).
 
@@ -42,6 +46,22 @@ def fidelity_rows(
             est.estimate(model, x, y, generator=gen)
         for layer, value in (layer_fidelities(est, model, x, y) or {}).items():
             rows.append(f"| {label} | {layer} | {value:.4f} |")
+    return rows
+
+
+def gap_rows(models: dict[str, torch.nn.Sequential], x, y, k: int = 10) -> list[str]:
+    rows = ["| weights | layer | λ_{k+1}/λ_k: 10% | 50% | 90% |", "|---|---|---|---|---|"]
+    levels = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    for label, model in models.items():
+        layers = gg.models.linear_layers(model)
+        passed = gg.WTranspose().tangent_pass(layers, x, y, generator=torch.Generator())
+        for site in passed.sites:
+            if site.jacobian is None or site.jacobian.rows <= k:
+                continue  # the output layer; a next layer of at most k rows (closed form)
+            lam = torch.linalg.svdvals(site.jacobian.dense().double()).square()
+            alive = lam[:, k - 1] > 0
+            q = torch.quantile(lam[alive, k] / lam[alive, k - 1], levels).tolist()
+            rows.append(f"| {label} | {site.index} | " + " | ".join(f"{v:.3f}" for v in q) + " |")
     return rows
 
 
@@ -82,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--warm", type=int, default=5, help="estimates before the fidelity")
     parser.add_argument("--fidelity-only", action="store_true")
+    parser.add_argument("--gaps", action="store_true", help="print the spectral gaps only")
     args = parser.parse_args(argv)
     fast = {
         name: value
@@ -97,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     trained = gg.MLP(widths)
     trained.load_state_dict(torch.load(args.run_dir / "model.pt"))
     models = {"init": init, "trained": trained}
+    if args.gaps:
+        print("\n".join(gap_rows(models, x, y, args.k)))
+        return
     print("\n".join(fidelity_rows(models, x, y, args.warm, args.k, **fast)))
     if not args.fidelity_only:
         print()

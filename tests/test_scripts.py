@@ -106,6 +106,16 @@ def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
     )
     layers = [line.split("|")[2].strip() for line in proc.stdout.splitlines()]
     assert [x for x in layers if x.isdigit()] == ["0", "1", "2", "0", "1", "2"]
+    # the gaps λ_{k+1}/λ_k: quantiles in [0, 1], in order, for the layers solved by block Krylov
+    for k, expected in ((2, ["0", "1", "2"] * 2), (10, ["0", "1"] * 2)):
+        proc = subprocess.run(
+            [*cmd, "--gaps", "--k", str(k)], capture_output=True, text=True, timeout=600, check=True
+        )
+        rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()[2:]]
+        assert [r[1].strip() for r in rows] == expected
+        for r in rows:
+            q = [float(v) for v in r[2:]]
+            assert 0 <= q[0] <= q[1] <= q[2] <= 1  # 0: fewer than k + 1 active units
 
 
 def test_wtranspose_costs_prints_faults_steps_and_draws():
