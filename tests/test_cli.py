@@ -393,6 +393,7 @@ print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
         ["diagnose", "--help"],
         ["bench", "--help"],
         ["train", "--width", "-1"],
+        ["train", "--option", "block"],
         ["reproduce", "table3", "--seeds", "0"],
     ],
 )
@@ -714,6 +715,46 @@ def test_train_defaults_are_the_papers_and_every_option_reaches_the_run(
         "options": {},
     }
     assert json.loads((out / "final.json").read_text())["steps"] == 6  # 4000 / 700, rounded up
+
+
+def test_train_passes_other_estimator_options_with_option(tmp_path: Path) -> None:
+    """``--option KEY=VALUE`` reaches the estimator, typed as bench's ``name:key=value``, and is
+    part of the run's options and name."""
+    out = tmp_path / "run"
+    argv = ["train", "--method", "w-perp", "--k", "1", "--width", "8", "--epochs", "1"]
+    argv += ["--option", "block=4", "--option", "ritz_iters=8", "--option", "chunk=None"]
+    assert main([*argv, "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    options = json.loads((out / "config.json").read_text())["config"]["options"]
+    assert options == {"k": 1, "solver": "subspace", "block": 4, "ritz_iters": 8, "chunk": None}
+    assert json.loads((out / "final.json").read_text())["config"]["options"] == options
+    from guessgrad.config import TrainConfig
+
+    slug = TrainConfig(method="w-perp", width=8, epochs=1, options=options).slug()
+    assert "-block4-" in slug and "-ritz_iters8-" in slug
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--option", "block"], "argument --option: expected KEY=VALUE, got 'block'"),
+        (["--option", "=4"], "argument --option: expected KEY=VALUE, got '=4'"),
+        (["--option", "k=3"], "--option k=...: give k as --k"),
+        (["--option", "block=2", "--option", "block=3"], "--option block is given twice"),
+        (["--option", "blok=3"], "estimator 'w-perp' has no option 'blok' (its options: k,"),
+        (["--option", "ritz_iters=0"], "ritz_iters must be a positive integer"),
+    ],
+)
+def test_bad_estimator_option_is_a_usage_error(tmp_path: Path, capsys, extra, says) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--width", "8", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    try:
+        status = main([*argv, *extra])
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err, err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .config import option_value
 from .data import mnist1d
 from .estimators import Estimator, ForwardGradient, make_estimator
 from .guesses import Site, WPerpGuess
@@ -96,20 +97,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
         if "=" not in pair:
             raise ValueError(f"bad method option {pair!r} in {spec!r}: expected key=value")
         key, value = pair.split("=", 1)
-        options[key] = _parse_value(value)
+        options[key] = option_value(value)  # e.g. w-perp:chunk=None
     return name, options
-
-
-def _parse_value(text: str) -> Any:
-    constants = {"None": None, "True": True, "False": False}  # e.g. w-perp:chunk=None
-    if text in constants:
-        return constants[text]
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _status_bytes(key: str) -> int:

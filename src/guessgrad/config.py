@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_SEED", "METHODS", "TrainConfig"]
+__all__ = ["MAX_SEED", "METHODS", "TrainConfig", "option_value"]
 
 #: the largest seed: a run's generators are seeded with seed + 2 000 003 at most, which must
 #: fit torch's 64-bit seeds
@@ -31,6 +31,20 @@ METHODS: tuple[str, ...] = (
     "w-precond",
     "w-perp-ns",
 )
+
+
+def option_value(text: str) -> Any:
+    """An estimator option's value as typed (``block=8``, ``chunk=None``): an integer, else a
+    float, else ``None``, ``True`` or ``False``, else the text itself."""
+    constants = {"None": None, "True": True, "False": False}
+    if text in constants:
+        return constants[text]
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..config import MAX_SEED, METHODS, TrainConfig
+from ..config import MAX_SEED, METHODS, TrainConfig, option_value
 from ..files import LOCK_FILE
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "seed_int",
     "out_path",
     "k_value",
+    "option_pair",
     "add_estimator_options",
     "estimator_options",
     "check_estimator",
@@ -106,6 +107,18 @@ def k_value(text: str) -> int | str:
         ) from None
 
 
+def option_pair(text: str) -> tuple[str, Any]:
+    """``--option``: ``KEY=VALUE``, the value read by :func:`guessgrad.config.option_value`."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, option_value(value)
+
+
+#: the estimator options with a flag of their own
+_OWN_FLAGS = ("k", "solver", "sigma")
+
+
 def add_estimator_options(p: argparse.ArgumentParser, *, default_method: str) -> None:
     p.add_argument(
         "--method",
@@ -116,11 +129,29 @@ def add_estimator_options(p: argparse.ArgumentParser, *, default_method: str) ->
     p.add_argument("--k", type=k_value, help="W̃⊥ subspace size k, or 'rank' (paper: 10)")
     p.add_argument("--solver", help="W̃⊥ solver: svd (exact), subspace (fast), newton-schulz")
     p.add_argument("--sigma", type=positive_float, help="W̃P's σ (paper: 1e-5)")
+    p.add_argument(
+        "--option",
+        type=option_pair,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other estimator constructor option, e.g. block=8 or ritz_iters=8 for "
+        "W̃⊥'s fast solver; repeatable",
+    )
 
 
 def estimator_options(args: argparse.Namespace) -> dict[str, Any]:
     """The estimator options given on the command line (unset ones are left out)."""
-    return {k: getattr(args, k) for k in ("k", "solver", "sigma") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in _OWN_FLAGS if getattr(args, k) is not None}
+    typed: set[str] = set()
+    for key, value in args.option:
+        if key in _OWN_FLAGS:
+            raise UsageError(f"--option {key}=...: give {key} as --{key}")
+        if key in typed:
+            raise UsageError(f"--option {key} is given twice")
+        typed.add(key)
+        options[key] = value
+    return options
 
 
 def check_estimator(method: str, options: dict[str, Any]) -> None:
