@@ -59,6 +59,8 @@ def gap_rows(models: dict[str, torch.nn.Sequential], x, y, k: int = 10) -> list[
             if site.jacobian is None or site.jacobian.rows <= k:
                 continue  # the output layer; a next layer of at most k rows (closed form)
             lam = torch.linalg.svdvals(site.jacobian.dense().double()).square()
+            if lam.shape[1] <= k:
+                continue  # k ≥ the width: no λ_{k+1}
             alive = lam[:, k - 1] > 0
             q = torch.quantile(lam[alive, k] / lam[alive, k - 1], levels).tolist()
             rows.append(f"| {label} | {site.index} | " + " | ".join(f"{v:.3f}" for v in q) + " |")

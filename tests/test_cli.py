@@ -717,20 +717,33 @@ def test_train_defaults_are_the_papers_and_every_option_reaches_the_run(
     assert json.loads((out / "final.json").read_text())["steps"] == 6  # 4000 / 700, rounded up
 
 
-def test_train_passes_other_estimator_options_with_option(tmp_path: Path) -> None:
+def test_train_passes_other_estimator_options_with_option(tmp_path: Path, capsys) -> None:
     """``--option KEY=VALUE`` reaches the estimator, typed as bench's ``name:key=value``, and is
-    part of the run's options and name."""
+    part of the run's options and name, except where it changes nothing (a default value, or an
+    option the chosen solver does not use): that one is left out, with a note."""
     out = tmp_path / "run"
     argv = ["train", "--method", "w-perp", "--k", "1", "--width", "8", "--epochs", "1"]
     argv += ["--option", "block=4", "--option", "ritz_iters=8", "--option", "chunk=None"]
-    assert main([*argv, "--device", "cpu", "--quiet", "--out", str(out)]) == 0
-    options = json.loads((out / "config.json").read_text())["config"]["options"]
-    assert options == {"k": 1, "solver": "subspace", "block": 4, "ritz_iters": 8, "chunk": None}
+    assert main([*argv, "--device", "cpu", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "note: --option chunk=None changes nothing here" in err and "block=4 changes" not in err
+    record = json.loads((out / "config.json").read_text())
+    options = record["config"]["options"]
+    assert options == {"k": 1, "solver": "subspace", "block": 4, "ritz_iters": 8}
+    assert "block=4" in record["estimator"] and "ritz_iters=8" in record["estimator"]
     assert json.loads((out / "final.json").read_text())["config"]["options"] == options
     from guessgrad.config import TrainConfig
 
     slug = TrainConfig(method="w-perp", width=8, epochs=1, options=options).slug()
     assert "-block4-" in slug and "-ritz_iters8-" in slug
+    # the default value, or an option the exact SVD does not use, names the plain run
+    for extra in (["--option", "ritz_iters=2"], ["--solver", "svd", "--option", "depth=3"]):
+        out = tmp_path / extra[-1]
+        argv = ["train", "--method", "w-perp", "--width", "8", "--epochs", "1", *extra]
+        assert main([*argv, "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+        assert capsys.readouterr().err == ""  # --quiet: no note
+        options = json.loads((out / "config.json").read_text())["config"]["options"]
+        assert options == {"k": 10, "solver": extra[1] if extra[0] == "--solver" else "subspace"}
 
 
 @pytest.mark.parametrize(

@@ -490,9 +490,12 @@ def test_w_perp_takes_integers_of_any_type():
     run's config; booleans are refused above."""
     import numpy as np
 
-    est = guessgrad.make_estimator("w-perp", k=np.int64(3), solver="subspace", depth=np.int32(1))
+    est = guessgrad.make_estimator(
+        "w-perp", k=np.int64(3), solver="subspace", depth=np.int32(1), ritz_iters=np.int16(5)
+    )
     assert est.options()["k"] == 3 and type(est.options()["k"]) is int
     assert type(est.options()["depth"]) is int
+    assert est.options()["ritz_iters"] == 5 and type(est.options()["ritz_iters"]) is int
 
 
 @pytest.mark.parametrize(

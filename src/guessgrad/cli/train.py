@@ -144,6 +144,26 @@ def _stored_or_new(configs: list[TrainConfig], out: Path | None) -> tuple[TrainC
     return configs[0], folder(configs[0])
 
 
+def _drop_idle_options(
+    method: str, options: dict[str, Any], typed: list[str]
+) -> tuple[dict[str, Any], list[str]]:
+    """``options`` without the ``typed`` (``--option``) keys that change nothing: the estimator
+    records the same ``options()`` without them (a default value, or an option the chosen
+    solver does not use), so that they neither name a second copy of a run nor claim an effect.
+    Returns the options kept and the keys dropped."""
+    from ..estimators import make_estimator
+
+    def recorded(opts: dict[str, Any]) -> dict[str, Any]:
+        return make_estimator(method, **opts).options()
+
+    dropped = []
+    for key in typed:
+        fewer = {k: v for k, v in options.items() if k != key}
+        if recorded(fewer) == recorded(options):
+            options, dropped = fewer, [*dropped, key]
+    return options, dropped
+
+
 def run(args: argparse.Namespace) -> int:
     from ..curves import draw_curves, read_metrics
     from ..data import mnist1d
@@ -152,6 +172,15 @@ def run(args: argparse.Namespace) -> int:
 
     given = estimator_options(args)
     check_estimator(args.method, given)
+    typed = [key for key, _ in args.option]
+    given, idle = _drop_idle_options(args.method, given, typed)
+    if not args.quiet:
+        for key in idle:
+            print(
+                f"note: --option {key}={dict(args.option)[key]!r} changes nothing here (a default, "
+                "or not used with these options): left out of the run's options and name",
+                file=sys.stderr,
+            )
     device = device_name(args.device)
     configs = [
         make_config(

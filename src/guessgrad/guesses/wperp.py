@@ -116,7 +116,7 @@ class WPerpGuess(Guess):
             ``solver="subspace"`` (:func:`~guessgrad.solvers.subspace.krylov_ritz`).  The
             default, 2, suits k = 10; with k = 1 and a flat top of the spectrum (λ_2/λ_1 ≈ 0.9
             at initialisation) the Ritz vector converges only with more rounds and a block
-            larger than k (``block=4, ritz_iters=8``; docs/benchmarks.md, "The other k of
+            larger than k (``block=8, ritz_iters=8``; docs/benchmarks.md, "The other k of
             Table 1").
         chunk: examples whose Krylov blocks are held at once by ``solver="subspace"``; bounds
             the solver's extra memory instead of letting it grow with the batch.  ``None``
