@@ -15,6 +15,14 @@ from guessgrad.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name: str):
+    """``scripts/<name>.py`` as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_device_record_benches_and_respects_its_budget(tmp_path):
     # budget 0: the benchmark runs (tiny width, CPU), every training run is skipped
     out, store = tmp_path / "out", tmp_path / "store"
@@ -43,10 +51,7 @@ def test_device_record_estimates_runs_and_summarises_the_target(tmp_path):
     from guessgrad.experiments.runner import RunStore, plan
     from guessgrad.files import atomic_write_json
 
-    path = ROOT / "scripts" / "device_record.py"
-    spec = importlib.util.spec_from_file_location("device_record", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("device_record")
     times = {("w-perp", 128): 0.01, ("w-perp", 512): 0.05}
     assert module._step_estimate(times, "w-perp", 512) == 0.05
     assert module._step_estimate({("w-perp", 128): 0.01}, "w-perp", 512) == pytest.approx(0.24)
@@ -74,10 +79,11 @@ def test_device_record_estimates_runs_and_summarises_the_target(tmp_path):
     }
 
 
-def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
+def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path, capsys):
     run = tmp_path / "run"
     argv = ["train", "--method", "w-perp", "--width", "16", "--epochs", "1", "--quiet"]
     assert main([*argv, "--device", "cpu", "--out", str(run)]) == 0
+    capsys.readouterr()
     cmd = [sys.executable, str(ROOT / "scripts" / "solver_agreement.py"), str(run)]
     proc = subprocess.run(
         [*cmd, "--fidelity-only", "--warm", "1"],
@@ -95,28 +101,25 @@ def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path):
         ("trained", "1"),
     ]
     assert all(0.5 < float(r[3]) <= 1.0 + 1e-6 for r in rows)
+    # the rest in this process (each run of the script as a program loads torch anew)
+    script = _script("solver_agreement")
+
+    def printed(*args: str) -> list[list[str]]:
+        script.main([str(run), *args])
+        return [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
+
     # with k = 2 the last hidden layer (10 rows above it) is solved by block Krylov too; a
     # larger block with more Rayleigh–Ritz rounds captures more of the top-2 energy
     fidelity = {}
     for options in ((), ("--block", "3", "--ritz-iters", "3")):
-        proc = subprocess.run(
-            [*cmd, "--fidelity-only", "--warm", "1", "--k", "2", *options],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=True,
-        )
-        rows = [line.split("|") for line in proc.stdout.splitlines()[2:]]
-        assert [r[2].strip() for r in rows] == ["0", "1", "2", "0", "1", "2"]
-        fidelity[options] = [float(r[3]) for r in rows]
+        rows = printed("--fidelity-only", "--warm", "1", "--k", "2", *options)
+        assert [r[1].strip() for r in rows] == ["0", "1", "2", "0", "1", "2"]
+        fidelity[options] = [float(r[2]) for r in rows]
     assert sum(fidelity[("--block", "3", "--ritz-iters", "3")]) > sum(fidelity[()])
     # the gaps λ_{k+1}/λ_k: quantiles in [0, 1], in order, for the layers solved by block Krylov
     # (none where k ≥ the width: there is no λ_{k+1})
     for k, expected in ((2, ["0", "1", "2"] * 2), (10, ["0", "1"] * 2), (16, [])):
-        proc = subprocess.run(
-            [*cmd, "--gaps", "--k", str(k)], capture_output=True, text=True, timeout=600, check=True
-        )
-        rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()[2:]]
+        rows = printed("--gaps", "--k", str(k))
         assert [r[1].strip() for r in rows] == expected
         for r in rows:
             q = [float(v) for v in r[2:]]
@@ -150,9 +153,7 @@ def test_wperp_step_split_times_both_solver_phases(capsys):
     import guessgrad.solvers.subspace as subspace
 
     originals = (subspace._krylov_gram, subspace._ritz_coefficients)
-    spec = importlib.util.spec_from_file_location("split", ROOT / "scripts" / "wperp_step_split.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("wperp_step_split")
     module.main(["--widths", "16", "--steps", "2"])
     assert (subspace._krylov_gram, subspace._ritz_coefficients) == originals
     row = capsys.readouterr().out.splitlines()[-1].strip("|").split("|")
