@@ -736,6 +736,14 @@ def test_train_passes_other_estimator_options_with_option(tmp_path: Path, capsys
 
     slug = TrainConfig(method="w-perp", width=8, epochs=1, options=options).slug()
     assert "-block4-" in slug and "-ritz_iters8-" in slug
+    # an option that the others need is kept (without depth=4, block=2 cannot hold k = 9)
+    out = tmp_path / "needed"
+    argv = ["train", "--k", "9", "--width", "16", "--epochs", "1", "--option", "block=2"]
+    assert (
+        main([*argv, "--option", "depth=4", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
+    )
+    options = json.loads((out / "config.json").read_text())["config"]["options"]
+    assert options == {"k": 9, "solver": "subspace", "block": 2, "depth": 4}
     # the default value, or an option the exact SVD does not use, names the plain run
     for extra in (["--option", "ritz_iters=2"], ["--solver", "svd", "--option", "depth=3"]):
         out = tmp_path / extra[-1]

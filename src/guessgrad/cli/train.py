@@ -153,8 +153,11 @@ def _drop_idle_options(
     Returns the options kept and the keys dropped."""
     from ..estimators import make_estimator
 
-    def recorded(opts: dict[str, Any]) -> dict[str, Any]:
-        return make_estimator(method, **opts).options()
+    def recorded(opts: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return make_estimator(method, **opts).options()
+        except ValueError:  # the others need it (block=2 with depth=4 for k = 9, say)
+            return None
 
     dropped = []
     for key in typed:
