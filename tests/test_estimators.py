@@ -477,6 +477,8 @@ def test_bad_batches_are_rejected(estimator_case, index, model, batch):
         ({"k": 3, "solver": "subspace", "ritz_iters": 0}, "ritz_iters=0"),
         ({"k": 3, "solver": "subspace", "ritz_iters": True}, "ritz_iters=True"),
         ({"k": 3, "solver": "subspace", "ritz_iters": 2.0}, "ritz_iters=2.0"),
+        ({"k": 3, "solver": "subspace", "warm_start": 0}, "warm_start=0"),
+        ({"k": 3, "solver": "subspace", "warm_start": "no"}, "warm_start='no'"),
         ({"k": 9, "solver": "subspace", "block": 2, "depth": 1}, "smaller than k=9"),
     ],
 )

@@ -203,6 +203,21 @@ def test_ritz_iters_converge_to_the_top_ritz_vector_on_a_flat_top(seed):
     assert float(shortfall().min()) > 1e-3
 
 
+def test_without_warm_start_each_step_is_independent_of_the_earlier_ones():
+    """``warm_start=False``: the basis of a batch does not depend on the steps before it (the
+    same fixed start every time); with the warm start (the default) it does."""
+    sites = [random_site(32, 32, 16, seed=20 + step) for step in range(3)]
+    for warm in (False, True):
+        guess = WPerpGuess(4, solver="subspace", warm_start=warm)
+        state: dict = {}
+        for site in sites[:2]:
+            guess.sample(site, state, generator=seeded(0))
+        after, _ = guess.basis(sites[2], state)
+        fresh, _ = guess.basis(sites[2], {})
+        assert torch.equal(after, fresh) is not warm
+        assert subspace_fidelity(sites[2].jacobian.dense(), after, 4) >= 0.95
+
+
 def test_subspace_solver_closed_form_for_few_rows():
     """Next layer with m ≤ k rows: the exact row space (unbiased), as the SVD gives."""
     site = random_site(4, 9, 6, seed=4, dead=(2,))

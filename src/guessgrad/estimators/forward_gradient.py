@@ -138,8 +138,9 @@ class WPerp(ForwardGradient):
         solver: ``"subspace"`` (block Krylov, fast; the default), ``"svd"`` (exact, the
             paper's construction; needed for ``subspace="bottom"``) or
             ``"newton-schulz"`` (the paper's W̃⊥-NS, §2.6).
-        depth, block, chunk, ritz_iters: block Krylov depth, block size, examples per solve
-            and rounds of the small Rayleigh–Ritz iteration for ``solver="subspace"``.
+        depth, block, chunk, ritz_iters, warm_start: block Krylov depth, block size, examples
+            per solve, rounds of the small Rayleigh–Ritz iteration and whether each step starts
+            from the last one's subspace, for ``solver="subspace"``.
         refresh: steps between σ_k/σ_1 estimates for ``solver="newton-schulz"``.
     """
 
@@ -156,6 +157,7 @@ class WPerp(ForwardGradient):
         chunk: int | None = DEFAULT_CHUNK,
         refresh: int = NS_REFRESH,
         ritz_iters: int = DEFAULT_RITZ_ITERS,
+        warm_start: bool = True,
     ) -> None:
         super().__init__(
             WPerpGuess(
@@ -167,6 +169,7 @@ class WPerp(ForwardGradient):
                 chunk=chunk,
                 refresh=refresh,
                 ritz_iters=ritz_iters,
+                warm_start=warm_start,
             )
         )
 
@@ -175,7 +178,13 @@ class WPerp(ForwardGradient):
         assert isinstance(g, WPerpGuess)
         opts: dict[str, Any] = {"k": g.k, "subspace": g.subspace, "solver": g.solver}
         if g.solver == "subspace":
-            opts.update(depth=g.depth, block=g.block, chunk=g.chunk, ritz_iters=g.ritz_iters)
+            opts.update(
+                depth=g.depth,
+                block=g.block,
+                chunk=g.chunk,
+                ritz_iters=g.ritz_iters,
+                warm_start=g.warm_start,
+            )
         if g.solver == "newton-schulz":
             opts.update(refresh=g.refresh)
         return opts

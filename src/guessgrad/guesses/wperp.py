@@ -118,6 +118,10 @@ class WPerpGuess(Guess):
             at initialisation) the Ritz vector converges only with more rounds and a block
             larger than k (``block=8, ritz_iters=8``; docs/benchmarks.md, "The other k of
             Table 1").
+        warm_start: for ``solver="subspace"``, start each step's Krylov space from the block
+            S carried over from the step before (True, the default: S follows the top-b
+            eigenspace of the batch-mean Gram, one power step per call) or from the same fixed
+            random block at every step (False: every call is independent of the earlier ones).
         chunk: examples whose Krylov blocks are held at once by ``solver="subspace"``; bounds
             the solver's extra memory instead of letting it grow with the batch.  ``None``
             (default) picks the largest chunk whose Krylov blocks, (depth + 2)·block·n
@@ -142,6 +146,7 @@ class WPerpGuess(Guess):
         chunk: int | None = DEFAULT_CHUNK,
         refresh: int = NS_REFRESH,
         ritz_iters: int = DEFAULT_RITZ_ITERS,
+        warm_start: bool = True,
     ) -> None:
         # integers of any kind (NumPy's too) are taken as ints, booleans are not
         refresh, chunk, depth, block, ritz_iters = map(
@@ -183,6 +188,8 @@ class WPerpGuess(Guess):
             raise ValueError("k='rank' is defined for subspace='top' only")
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative integer, got depth={depth!r}")
+        if not isinstance(warm_start, bool):
+            raise ValueError(f"warm_start must be True or False, got warm_start={warm_start!r}")
         if not isinstance(ritz_iters, int) or ritz_iters < 1:
             raise ValueError(
                 f"ritz_iters must be a positive integer, got ritz_iters={ritz_iters!r}"
@@ -202,6 +209,7 @@ class WPerpGuess(Guess):
         self.chunk = chunk
         self.refresh = refresh
         self.ritz_iters = ritz_iters
+        self.warm_start = warm_start
 
     def basis(self, site: Site, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Rows spanning the guessing subspace, ``(B, r, n)``, and the state updates."""
@@ -274,7 +282,7 @@ class WPerpGuess(Guess):
         next warm start."""
         k = int(self.k)
         b = min(self.block or k, jac.cols)
-        start = state.get("start")
+        start = state.get("start") if self.warm_start else None
         if start is None or start.shape != (b, jac.cols):
             start = _initial_start(b, jac.cols, jac.dtype, jac.device)
         else:  # a model moved to another device or dtype keeps its warm start
@@ -289,7 +297,7 @@ class WPerpGuess(Guess):
             ritz_iters=self.ritz_iters,
             chunk=chunk,
         )
-        return ritz, next_start(ritz.power, start)
+        return ritz, next_start(ritz.power, start) if self.warm_start else start
 
     def sample(
         self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
