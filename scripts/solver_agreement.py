@@ -9,7 +9,8 @@ and at the seed's initialisation.
 
 - Spectral gaps (``--gaps``, instead of the above): the 10%, 50% and 90% quantiles over the
   examples of λ_{k+1}(G_b)/λ_k(G_b) per hidden layer, from the exact singular values (near 1:
-  a flat top, where the top-k subspace is hard to pin down).
+  a flat top, where the top-k subspace is hard to pin down), over the examples with k nonzero
+  singular values ("–" where there is none).
 
 ``--block`` and ``--ritz-iters`` are the fast solver's options (``gg.WPerp``'s ``block`` and
 ``ritz_iters``; defaults k and 2).
@@ -62,8 +63,11 @@ def gap_rows(models: dict[str, torch.nn.Sequential], x, y, k: int = 10) -> list[
             if lam.shape[1] <= k:
                 continue  # k ≥ the width: no λ_{k+1}
             alive = lam[:, k - 1] > 0
-            q = torch.quantile(lam[alive, k] / lam[alive, k - 1], levels).tolist()
-            rows.append(f"| {label} | {site.index} | " + " | ".join(f"{v:.3f}" for v in q) + " |")
+            if bool(alive.any()):
+                q = [f"{v:.3f}" for v in torch.quantile(lam[alive, k] / lam[alive, k - 1], levels)]
+            else:  # no example has k nonzero singular values
+                q = ["–"] * 3
+            rows.append(f"| {label} | {site.index} | " + " | ".join(q) + " |")
     return rows
 
 

@@ -111,6 +111,26 @@ def test_train_still_finds_a_run_stored_with_only_the_options_typed(
     assert sorted(p.name for p in (tmp_path / "results" / "runs").iterdir()) == [old.slug()]
 
 
+def test_train_still_finds_a_run_stored_with_an_option_that_changes_nothing(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A run stored with a typed ``--option`` at its default value (before such options were
+    left out of the name) is reported by the same command, in --out or in the run store."""
+    from guessgrad.config import TrainConfig
+
+    monkeypatch.chdir(tmp_path)
+    options = {"k": 10, "solver": "subspace", "ritz_iters": 2}
+    old = TrainConfig(method="w-perp", width=8, epochs=1, options=options, device="cpu")
+    for out in (tmp_path / "mine", Path("results") / "runs" / old.slug()):
+        training.train(old, out_dir=out)
+        argv = ["train", "--width", "8", "--epochs", "1", "--option", "ritz_iters=02"]
+        assert main([*argv, *(["--out", str(out)] if out.name == "mine" else [])]) == 0
+        out_text, err = capsys.readouterr()
+        assert "not trained again" in out_text
+        assert "note: --option ritz_iters=02 changes nothing here" in err  # as typed
+    assert sorted(p.name for p in (tmp_path / "results" / "runs").iterdir()) == [old.slug()]
+
+
 def test_train_reads_a_finished_run_in_a_read_only_folder(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
@@ -736,14 +756,14 @@ def test_train_passes_other_estimator_options_with_option(tmp_path: Path, capsys
 
     slug = TrainConfig(method="w-perp", width=8, epochs=1, options=options).slug()
     assert "-block4-" in slug and "-ritz_iters8-" in slug
-    # an option that the others need is kept (without depth=4, block=2 cannot hold k = 9)
+    # an option that the others need is kept (without depth=4, block=2 cannot hold k = 9), and
+    # so is a value other than the default (warm_start=False)
     out = tmp_path / "needed"
     argv = ["train", "--k", "9", "--width", "16", "--epochs", "1", "--option", "block=2"]
-    assert (
-        main([*argv, "--option", "depth=4", "--device", "cpu", "--quiet", "--out", str(out)]) == 0
-    )
+    argv += ["--option", "depth=4", "--option", "warm_start=False"]
+    assert main([*argv, "--device", "cpu", "--quiet", "--out", str(out)]) == 0
     options = json.loads((out / "config.json").read_text())["config"]["options"]
-    assert options == {"k": 9, "solver": "subspace", "block": 2, "depth": 4}
+    assert options == {"k": 9, "solver": "subspace", "block": 2, "depth": 4, "warm_start": False}
     # the default value, or an option the exact SVD does not use, names the plain run
     for extra in (["--option", "ritz_iters=2"], ["--solver", "svd", "--option", "depth=3"]):
         out = tmp_path / extra[-1]

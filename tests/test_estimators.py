@@ -498,6 +498,7 @@ def test_w_perp_takes_integers_of_any_type():
     assert est.options()["k"] == 3 and type(est.options()["k"]) is int
     assert type(est.options()["depth"]) is int
     assert est.options()["ritz_iters"] == 5 and type(est.options()["ritz_iters"]) is int
+    assert guessgrad.make_estimator("w-perp", warm_start=False).options()["warm_start"] is False
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path, capsys):
     # the rest in this process (each run of the script as a program loads torch anew)
     script = _script("solver_agreement")
 
-    def printed(*args: str) -> list[list[str]]:
+    def printed(*args: str, run: Path = run) -> list[list[str]]:
         script.main([str(run), *args])
         return [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()[2:]]
 
@@ -117,13 +117,21 @@ def test_solver_agreement_prints_fidelity_per_hidden_layer(tmp_path, capsys):
         fidelity[options] = [float(r[2]) for r in rows]
     assert sum(fidelity[("--block", "3", "--ritz-iters", "3")]) > sum(fidelity[()])
     # the gaps λ_{k+1}/λ_k: quantiles in [0, 1], in order, for the layers solved by block Krylov
-    # (none where k ≥ the width: there is no λ_{k+1})
     for k, expected in ((2, ["0", "1", "2"] * 2), (10, ["0", "1"] * 2), (16, [])):
         rows = printed("--gaps", "--k", str(k))
         assert [r[1].strip() for r in rows] == expected
         for r in rows:
             q = [float(v) for v in r[2:]]
             assert 0 <= q[0] <= q[1] <= q[2] <= 1  # 0: fewer than k + 1 active units
+    # width 8 < k = 8 < 10 classes: the last hidden layer has 10 rows above it but only 8
+    # singular values, so no λ_{k+1} (none for the others either: 8 rows)
+    narrow = tmp_path / "narrow"
+    argv = ["train", "--method", "w-perp", "--width", "8", "--epochs", "1", "--quiet"]
+    assert main([*argv, "--device", "cpu", "--out", str(narrow)]) == 0
+    assert printed("--gaps", "--k", "8", run=narrow) == []
+    rows = printed("--gaps", "--k", "7", run=narrow)
+    assert [r[1].strip() for r in rows] == ["0", "1", "2"] * 2
+    assert all(all(v.strip() == "–" or 0 <= float(v) <= 1 for v in r[2:]) for r in rows)
 
 
 def test_wtranspose_costs_prints_faults_steps_and_draws():

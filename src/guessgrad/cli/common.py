@@ -107,12 +107,13 @@ def k_value(text: str) -> int | str:
         ) from None
 
 
-def option_pair(text: str) -> tuple[str, Any]:
-    """``--option``: ``KEY=VALUE``, the value read by :func:`guessgrad.config.option_value`."""
+def option_pair(text: str) -> tuple[str, Any, str]:
+    """``--option``: ``KEY=VALUE`` as ``(key, value, text)``, the value read by
+    :func:`guessgrad.config.option_value`, the text as typed (for messages)."""
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, option_value(value)
+    return key, option_value(value), text
 
 
 #: the estimator options with a flag of their own
@@ -144,7 +145,7 @@ def estimator_options(args: argparse.Namespace) -> dict[str, Any]:
     """The estimator options given on the command line (unset ones are left out)."""
     options = {k: getattr(args, k) for k in _OWN_FLAGS if getattr(args, k) is not None}
     typed: set[str] = set()
-    for key, value in args.option:
+    for key, value, _ in args.option:
         if key in _OWN_FLAGS:
             raise UsageError(f"--option {key}=...: give {key} as --{key}")
         if key in typed:

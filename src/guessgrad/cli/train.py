@@ -145,17 +145,17 @@ def _stored_or_new(configs: list[TrainConfig], out: Path | None) -> tuple[TrainC
 
 
 def _drop_idle_options(
-    method: str, options: dict[str, Any], typed: list[str]
+    method: str, options: dict[str, Any], typed: list[str], defaults: dict[str, Any]
 ) -> tuple[dict[str, Any], list[str]]:
     """``options`` without the ``typed`` (``--option``) keys that change nothing: the estimator
-    records the same ``options()`` without them (a default value, or an option the chosen
-    solver does not use), so that they neither name a second copy of a run nor claim an effect.
-    Returns the options kept and the keys dropped."""
+    records the same ``options()`` without them, on top of the experiments' ``defaults`` (a
+    default value, or an option the chosen solver does not use), so that they neither name a
+    second copy of a run nor claim an effect.  Returns the options kept and the keys dropped."""
     from ..estimators import make_estimator
 
     def recorded(opts: dict[str, Any]) -> dict[str, Any] | None:
         try:
-            return make_estimator(method, **opts).options()
+            return make_estimator(method, **{**defaults, **opts}).options()
         except ValueError:  # the others need it (block=2 with depth=4 for k = 9, say)
             return None
 
@@ -167,6 +167,11 @@ def _drop_idle_options(
     return options, dropped
 
 
+def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``items`` without repeats, in order."""
+    return [item for i, item in enumerate(items) if item not in items[:i]]
+
+
 def run(args: argparse.Namespace) -> int:
     from ..curves import draw_curves, read_metrics
     from ..data import mnist1d
@@ -175,13 +180,14 @@ def run(args: argparse.Namespace) -> int:
 
     given = estimator_options(args)
     check_estimator(args.method, given)
-    typed = [key for key, _ in args.option]
-    given, idle = _drop_idle_options(args.method, given, typed)
+    defaults = default_options(args.method)
+    as_typed = {key: text for key, _, text in args.option}
+    reduced, idle = _drop_idle_options(args.method, given, list(as_typed), defaults)
     if not args.quiet:
         for key in idle:
             print(
-                f"note: --option {key}={dict(args.option)[key]!r} changes nothing here (a default, "
-                "or not used with these options): left out of the run's options and name",
+                f"note: --option {as_typed[key]} changes nothing here (a default, or not used "
+                "with these options): left out of the run's options and name",
                 file=sys.stderr,
             )
     device = device_name(args.device)
@@ -199,8 +205,9 @@ def run(args: argparse.Namespace) -> int:
             options=options,
         )
         # unset options as the experiments set them, so that both name (and reuse) one run;
-        # a run stored with only the options typed (earlier versions) is still found
-        for options in ({**default_options(args.method), **given}, given)
+        # a run stored with only the options typed, or with an --option that changes nothing
+        # (earlier versions), is still found
+        for options in _unique([{**defaults, **reduced}, reduced, {**defaults, **given}, given])
     ]
     config, out = _stored_or_new(configs, args.out)
     set_threads(args.threads)
