@@ -410,8 +410,17 @@ def test_krylov_ritz_combine_is_the_basis_times_z():
 
 
 @pytest.mark.parametrize(
-    ("chunk", "group", "sub", "threads"),
-    [(2, 64, 8, 1), (2, 3, 8, 1), (4, 4, 3, 1), (9, 64, 2, 1), (2, 2, 8, 2), (3, 2, 8, 3)],
+    ("chunk", "group", "sub", "threads", "gram_examples"),
+    [
+        (2, 64, 8, 1, 0),
+        (2, 3, 8, 1, 0),
+        (4, 4, 3, 1, 0),
+        (9, 64, 2, 1, 0),
+        (2, 2, 8, 2, 0),
+        (3, 2, 8, 3, 0),
+        (2, 2, 8, 1, 3),
+        (2, 2, 8, 2, 1),
+    ],
     ids=[
         "small-chunks",
         "groups-of-chunks",
@@ -419,18 +428,24 @@ def test_krylov_ritz_combine_is_the_basis_times_z():
         "sub-chunk-remainder",
         "groups-per-thread",
         "chunks-capped-groups-per-thread",
+        "more-small-problems-per-thread",
+        "never-fewer-than-the-group",
     ],
 )
-def test_krylov_ritz_chunks_do_not_change_the_result(monkeypatch, chunk, group, sub, threads):
+def test_krylov_ritz_chunks_do_not_change_the_result(
+    monkeypatch, chunk, group, sub, threads, gram_examples
+):
     import guessgrad.solvers.subspace as subspace
 
     gen = torch.Generator().manual_seed(17)
     w = torch.randn(24, 16, generator=gen, dtype=F64) / 4
     jac = MaskedLinearJacobian(w, random_masks(9, 16, gen, 0.3))
     whole = krylov_ritz(jac, 4, start_for(4, 16))
-    # examples held at once (at most RITZ_GROUP), examples per small solve (RITZ_GROUP per
-    # thread, a multiple of the chunk), examples per float64 product
+    # examples held at once (at most RITZ_GROUP), examples per small solve (per thread the
+    # larger of RITZ_GROUP and the examples whose p × (p + b) Grams fit in RITZ_GRAM_BYTES, a
+    # multiple of the chunk), examples per float64 product
     monkeypatch.setattr(subspace, "RITZ_GROUP", group)
+    monkeypatch.setattr(subspace, "RITZ_GRAM_BYTES", gram_examples * 12 * 16 * 8)
     monkeypatch.setattr(subspace, "GRAM_BYTES", sub * (4 * 3 + 4) * 16 * 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     solved = []
@@ -440,7 +455,7 @@ def test_krylov_ritz_chunks_do_not_change_the_result(monkeypatch, chunk, group, 
     )
     chunked = krylov_ritz(jac, 4, start_for(4, 16), chunk=chunk)
     step = min(chunk, group)
-    per_solve = step * -(-group * threads // step)
+    per_solve = step * -(-max(group, gram_examples) * threads // step)
     assert solved == [min(per_solve, 9 - lo) for lo in range(0, 9, per_solve)]
     torch.testing.assert_close(projector(chunked.vectors()), projector(whole.vectors()))
     torch.testing.assert_close(chunked.power, whole.power)

@@ -128,7 +128,8 @@ class WPerpGuess(Guess):
             numbers in the working dtype per example, fit in ``CHUNK_BYTES`` (5 MiB): 64
             examples at width 512 with k = 10; on CPU never more than
             :data:`~guessgrad.solvers.subspace.RITZ_GROUP` (64; the small Rayleigh–Ritz
-            problems are solved for that many examples per torch thread at once).  Elsewhere
+            problems are solved for that many examples per torch thread at once, more for
+            smaller problems than k = 10's).  Elsewhere
             the chunk may be as large as the batch (more memory, fewer kernel launches; not
             measured yet).
     """

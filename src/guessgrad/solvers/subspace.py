@@ -63,6 +63,11 @@ DEFAULT_RITZ_ITERS = 2
 #: matrices per call for each thread (the grouping changes no number: each example's small
 #: problem is its own)
 RITZ_GROUP = 64
+#: on CPU, bytes of the float64 p × (p + b) Grams of one thread's group of small problems: with
+#: smaller problems than k = 10's (p = 30, b = 10: ``RITZ_GROUP`` examples) more examples are
+#: solved per call, never fewer than ``RITZ_GROUP``, so that the per-call overhead, which
+#: dominates for small k, is shared by more of them (k = 1: the whole batch per call)
+RITZ_GRAM_BYTES = RITZ_GROUP * 30 * 40 * 8
 #: bytes of float64 Krylov vectors copied and multiplied at once on CPU (small enough to stay
 #: in cache: 8 examples at width 512 with k = 10, depth 2)
 GRAM_BYTES = 1280 * 2**10
@@ -346,7 +351,7 @@ def _ritz_coefficients(
     d = torch.where(alive, diag.clamp_min(torch.finfo(f64).tiny).rsqrt(), 0.0)
     ones = torch.ones_like(diag[..., :1])
     # (B, p, p) temporaries are made in place where that changes no number: their memory grows
-    # with the group, RITZ_GROUP examples per thread
+    # with the group (RITZ_GROUP examples per thread at k = 10, RITZ_GRAM_BYTES of Grams)
     scaled = (d.unsqueeze(-1) * gram).mul_(d.unsqueeze(-2))
     chol = _jittered_cholesky(scaled, ones, _GRAM_JITTERS)
     del scaled
@@ -409,7 +414,8 @@ def krylov_ritz(
 
     Memory: the blocks of ``chunk`` examples at a time in the working dtype (Gram, then
     discarded), copied to float64 ``GRAM_BYTES`` at a time (a copy that stays in cache);
-    the (p + b)² Grams of ``RITZ_GROUP`` examples per torch thread (on CPU; of the whole batch
+    the p × (p + b) Grams of ``RITZ_GROUP`` examples per torch thread (on CPU; more where the
+    problems are smaller than k = 10's, up to ``RITZ_GRAM_BYTES``; of the whole batch
     elsewhere) are kept, and their small problems solved together.
     The Ritz vectors are re-formed from S by Horner's rule when needed (:class:`KrylovRitz`),
     so neither the blocks nor V are ever held for the whole batch.
@@ -430,13 +436,14 @@ def krylov_ritz(
     bsz, n, b = jacobian.batch, jacobian.cols, start.shape[0]
     dtype, device = jacobian.dtype, jacobian.device
     # on CPU, chunks of at most RITZ_GROUP examples and small problems RITZ_GROUP examples per
-    # thread at a time (their workspace stays in cache); elsewhere one group for the whole
-    # batch (fewer, larger launches)
+    # thread at a time, more where they are smaller (their workspace stays in cache);
+    # elsewhere one group for the whole batch (fewer, larger launches)
     cpu = device.type == "cpu"
     step = min(chunk or bsz, bsz, RITZ_GROUP if cpu else bsz)
-    per_solve = RITZ_GROUP * torch.get_num_threads() if cpu else bsz
-    group = step * max(1, -(-per_solve // step))  # examples per small solve, chunk multiple
     p = b * (depth + 1)
+    per_thread = max(RITZ_GROUP, RITZ_GRAM_BYTES // (p * (p + b) * 8))
+    per_solve = per_thread * torch.get_num_threads() if cpu else bsz
+    group = step * max(1, -(-per_solve // step))  # examples per small solve, chunk multiple
     ys = torch.empty((depth + 2, step, b, n), dtype=dtype, device=device)
     # on CPU the float64 copies are made a cache-sized piece at a time; elsewhere at once
     sub = min(step, max(1, GRAM_BYTES // ((p + b) * n * 8))) if device.type == "cpu" else step
