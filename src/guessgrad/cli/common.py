@@ -144,13 +144,11 @@ def add_estimator_options(p: argparse.ArgumentParser, *, default_method: str) ->
 def estimator_options(args: argparse.Namespace) -> dict[str, Any]:
     """The estimator options given on the command line (unset ones are left out)."""
     options = {k: getattr(args, k) for k in _OWN_FLAGS if getattr(args, k) is not None}
-    typed: set[str] = set()
     for key, value, _ in args.option:
         if key in _OWN_FLAGS:
             raise UsageError(f"--option {key}=...: give {key} as --{key}")
-        if key in typed:
+        if key in options:  # only an earlier --option can have put it there
             raise UsageError(f"--option {key} is given twice")
-        typed.add(key)
         options[key] = value
     return options
 

@@ -159,10 +159,11 @@ def _drop_idle_options(
         except ValueError:  # the others need it (block=2 with depth=4 for k = 9, say)
             return None
 
+    full = recorded(options)  # unchanged by each key dropped: that key changed nothing
     dropped = []
     for key in typed:
         fewer = {k: v for k, v in options.items() if k != key}
-        if recorded(fewer) == recorded(options):
+        if recorded(fewer) == full:
             options, dropped = fewer, [*dropped, key]
     return options, dropped
 
