@@ -434,6 +434,7 @@ def bad_batch_cases(model, x, y):
         ("list x", x.tolist(), y, TypeError, "x and y must be tensors.*list"),
         ("x on another device", x.to("meta"), y, ValueError, "x is on meta but the model is on"),
         ("y on another device", x, y.to("meta"), ValueError, "y is on meta but x is on cpu"),
+        ("sparse x", x.to_sparse(), y, TypeError, "must be dense tensors.*sparse_coo"),
     ]
 
 
@@ -514,10 +515,37 @@ def test_bad_w_perp_bottom_options(options, match):
         guessgrad.make_estimator("w-perp-bottom", **options)
 
 
-@pytest.mark.parametrize("sigma", [0, -1e-5, float("inf"), float("nan"), "1e-5"])
+@pytest.mark.parametrize("sigma", [0, -1e-5, float("inf"), float("nan"), "1e-5", True])
 def test_bad_w_precond_sigma(sigma):
     with pytest.raises(ValueError, match="sigma="):
         guessgrad.make_estimator("w-precond", sigma=sigma)
+
+
+def test_w_precond_sigma_takes_any_real_number():
+    import numpy as np
+
+    est = guessgrad.make_estimator("w-precond", sigma=np.float32(1e-3))
+    assert type(est.options()["sigma"]) is float
+    assert est.options()["sigma"] == pytest.approx(1e-3)
+
+
+def test_a_bad_generator_is_refused_before_anything_is_written(estimator_case, model, batch):
+    x, y = batch
+    for p in model.parameters():
+        p.grad = None
+    est = estimator_case.make()
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        est.estimate(model, x, y, generator=0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_generator_on_another_device_type_is_refused():
+    from guessgrad.estimators.base import check_generator
+
+    check_generator(None, torch.device("meta"))
+    check_generator(seeded(0), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"generator is on cpu but the batch on meta: use torch"):
+        check_generator(seeded(0), torch.device("meta"))
 
 
 # ---------------------------------------------------------------- bad models

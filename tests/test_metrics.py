@@ -348,6 +348,47 @@ def test_diagnose_of_a_frozen_layer_reads_no_stale_gradient(model, batch):
     assert all(math.isnan(c) for c in wp_cosines)  # no estimate, whatever p.grad held
 
 
+def test_diagnose_scores_a_frozen_layer_alike_for_every_estimator(model, batch):
+    """A frozen layer is not estimated: NaN cosine for every estimator (a forward-gradient
+    estimator scored it as an estimate of 0: cosine 0 and a bias of ‖g‖), no statistics, and
+    the overlap, a property of W̃ and g, as before."""
+    x, y = batch
+    m = copy.deepcopy(model)
+    guessgrad.linear_layers(m)[0].requires_grad_(False)
+    free = guessgrad.diagnose(model, x, y, "w-transpose", samples=2, generator=seeded(0))
+    for name in ("w-transpose", "activation-perturbation", "backprop"):
+        first = guessgrad.diagnose(m, x, y, name, samples=2, generator=seeded(0))[0]
+        assert math.isnan(first.cosine)
+        stats = (first.bias, first.bias_mc, first.variance, first.variance_exact, first.cov_norm)
+        assert stats == (None,) * 5
+        if name != "backprop":
+            assert first.overlap == pytest.approx(free[0].overlap, rel=1e-12)
+
+
+def test_diagnose_takes_a_registry_name_and_refuses_other_things(model, batch):
+    import numpy as np
+
+    x, y = batch
+    by_name = guessgrad.diagnose(
+        model, x, y, "w-transpose", samples=np.int64(2), generator=seeded(1)
+    )
+    built = guessgrad.make_estimator("w-transpose")
+    direct = guessgrad.diagnose(model, x, y, built, samples=2, generator=seeded(1))
+    assert [r.as_dict() for r in by_name] == [r.as_dict() for r in direct]
+    for bad in (guessgrad.WTranspose, None, 3):
+        with pytest.raises(TypeError, match="est must be an estimator"):
+            guessgrad.diagnose(model, x, y, bad)
+    with pytest.raises(ValueError, match="unknown estimator 'w-perpp'"):
+        guessgrad.diagnose(model, x, y, "w-perpp")
+
+
+def test_true_gradients_take_any_integer_labels(model, batch):
+    x, y = batch
+    layers = guessgrad.linear_layers(model)
+    for got, want in zip(true_gradients(layers, x, y.int())[1], true_gradients(layers, x, y)[1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_diagnose_refuses_inference_mode(model, batch):
     x, y = batch
     with torch.inference_mode(), pytest.raises(RuntimeError, match="torch.inference_mode"):

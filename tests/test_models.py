@@ -42,6 +42,16 @@ def test_mlp_initialisation():
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
 
 
+def test_mlp_takes_any_integer_widths():
+    import numpy as np
+
+    model = guessgrad.MLP([np.int64(6), 5, torch.tensor(3).item()])
+    assert [type(la.in_features) for la in guessgrad.linear_layers(model)] == [int, int]
+    for bad in ([6, 5.0, 3], [6, True, 3], [6, 0, 3]):
+        with pytest.raises(ValueError, match="positive integers"):
+            guessgrad.MLP(bad)
+
+
 def test_mlp_without_bias():
     model = guessgrad.MLP([5, 4, 3], bias=False)
     assert all(la.bias is None for la in guessgrad.linear_layers(model))
@@ -152,6 +162,59 @@ def test_shared_parameters_pruning_and_hooks_are_refused():
     computed[0].weight = torch.zeros(8, 8)  # a plain tensor, not a parameter
     with pytest.raises(ValueError, match="weight is not an nn.Parameter"):
         guessgrad.linear_layers(computed)
+
+
+def test_overridden_forward_extra_parameters_and_other_hooks_are_refused():
+    """Each of these made every estimator compute another function's gradient than model(x)'s,
+    or backprop and the forward-gradient estimators disagree: an overridden forward was skipped,
+    a parameter no layer uses got no gradient, and global module hooks and gradient hooks on a
+    parameter ran for backprop's autograd only."""
+    from torch.nn.modules import module as torch_module
+
+    class Scaled(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 10 * super().forward(x)
+
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    scaled = Scaled(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(TypeError, match="Scaled overrides nn.Sequential.forward"):
+        guessgrad.Backprop().estimate(scaled, x, y)
+    patched = guessgrad.MLP([8, 8, 4])
+    patched[2].forward = lambda h: 2 * h
+    with pytest.raises(TypeError, match="'2' has its own forward"):
+        guessgrad.linear_layers(patched)
+
+    extra = guessgrad.MLP([8, 8, 4])
+    extra.register_parameter("temperature", nn.Parameter(torch.ones(())))
+    with pytest.raises(ValueError, match="its own parameter 'temperature'"):
+        guessgrad.Backprop().estimate(extra, x, y)
+    extra = guessgrad.MLP([8, 8, 4])
+    extra[0].register_parameter("scale", nn.Parameter(torch.ones(8)))
+    with pytest.raises(ValueError, match="'0' holds parameter 'scale' beside"):
+        guessgrad.linear_layers(extra)
+
+    for register in (
+        torch_module.register_module_forward_hook,
+        torch_module.register_module_forward_pre_hook,
+        torch_module.register_module_full_backward_hook,
+    ):
+        handle = register(lambda *args: None)
+        try:
+            with pytest.raises(ValueError, match="global module hooks are registered"):
+                guessgrad.WTranspose().estimate(guessgrad.MLP([8, 8, 4]), x, y)
+        finally:
+            handle.remove()
+    assert guessgrad.linear_layers(guessgrad.MLP([8, 8, 4]))  # removed: accepted again
+
+    hooked = guessgrad.MLP([8, 8, 4])
+    handle = hooked[2].weight.register_hook(lambda g: 0 * g)
+    with pytest.raises(ValueError, match="'2': its weight has gradient hooks"):
+        guessgrad.linear_layers(hooked)
+    handle.remove()
+    assert guessgrad.linear_layers(hooked)[1] is hooked[2]
+    hooked[0].register_full_backward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="'0' has backward hooks"):
+        guessgrad.linear_layers(hooked)
 
 
 def test_named_modules_are_named_in_errors():

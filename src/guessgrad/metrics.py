@@ -23,14 +23,14 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .estimators.base import Estimator, prepare_batch
+from .estimators.base import Estimator, check_generator, prepare_batch
 from .estimators.forward_gradient import ForwardGradient
 from .guesses import Guess, Site, WPerpGuess
 from .solvers.svd import top_right_singular
@@ -40,10 +40,11 @@ __all__ = ["LayerDiagnostics", "diagnose", "true_gradients", "overlap", "subspac
 
 @dataclass(frozen=True)
 class LayerDiagnostics:
-    """One hidden layer's statistics; ``None`` where the estimator has no guess covariance.
-    ``cosine`` is NaN for a frozen layer that the estimator does not estimate (backprop,
-    weight perturbation).  ``layer`` is the index of the hidden layer from 0 (the first hidden
-    layer, the paper's "layer 1", is 0)."""
+    """One hidden layer's statistics; ``None`` where the estimator has no guess covariance and
+    for a frozen layer, whose ``cosine`` is NaN (no estimator estimates it).  ``k`` is the
+    subspace size asked for; the overlap uses min(k, rows, columns of W̃_b) directions.
+    ``layer`` is the index of the hidden layer from 0 (the first hidden layer, the paper's
+    "layer 1", is 0)."""
 
     layer: int
     width: int
@@ -76,7 +77,7 @@ def true_gradients(
             s.requires_grad_(True)
             pre.append(s)
             h = F.relu(s) if i < len(layers) - 1 else s
-        loss = F.cross_entropy(h, y)
+        loss = F.cross_entropy(h, y.long())
         g = list(torch.autograd.grad(loss, pre))
     inputs = [x] + [F.relu(s.detach()) for s in pre[:-1]]
     return g, [gi.T @ xi for gi, xi in zip(g, inputs)]
@@ -117,7 +118,7 @@ def diagnose(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    est: Estimator,
+    est: Estimator | str,
     *,
     samples: int = 16,
     k: int | None = None,
@@ -127,8 +128,10 @@ def diagnose(
 
     Args:
         model, x, y: the network and batch, as for ``est.estimate``.
-        est: any estimator.  Bias, variance, cov. norm need a guess covariance and are
-            ``None`` for estimators without one (backprop, weight perturbation).
+        est: any estimator, or a registry name (``make_estimator(est)``, default options).
+            Bias, variance, cov. norm need a guess covariance and are ``None`` for estimators
+            without one (backprop, weight perturbation), and for a frozen layer, which no
+            estimator estimates (its cosine is NaN).
         samples: independent draws per example for the Monte-Carlo expectations.
         k: the subspace size of the overlap, a positive integer; defaults to the estimator's
             k, else 10.
@@ -137,13 +140,24 @@ def diagnose(
     Every draw starts from the estimator's current state (a copy): diagnosing does not
     advance warm starts or counters, and all draws share one covariance per example.
     """
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+    if isinstance(est, str):
+        from .estimators import make_estimator
+
+        est = make_estimator(est)
+    if not isinstance(est, Estimator):
+        raise TypeError(
+            f"est must be an estimator (e.g. guessgrad.make_estimator('w-perp')) or a registry "
+            f"name, got {est!r}"
+        )
+    if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 1:
         raise ValueError(f"samples must be a positive integer, got samples={samples!r}")
+    samples = int(samples)
     if k is not None:
         if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got k={k!r}")
         k = int(k)
     layers, x, y = prepare_batch(model, x, y, "diagnose")
+    check_generator(generator, x.device)
     g_true, w_true = true_gradients(layers, x, y)
     hidden = range(len(layers) - 1)
     if k is None:
@@ -202,21 +216,31 @@ def diagnose(
             mse_exact = mse_exact - 2 * g * cg + g.square()
             mc_bias_vec = (g_hat_sum[i] / samples - g).mean(0)
             cov_norm = math.sqrt(float((c - eye).square().sum((1, 2)).mean()) / g.shape[1] ** 2)
-            records.append(
-                LayerDiagnostics(
-                    layer=i,
-                    width=g.shape[1],
-                    samples=samples,
-                    bias=_norm(bias_vec),
-                    bias_mc=_norm(mc_bias_vec),
-                    variance=_norm((sq_err_sum[i] / samples).mean(0) - bias_vec.square()),
-                    variance_exact=_norm(mse_exact.mean(0) - bias_vec.square()),
-                    cov_norm=cov_norm,
-                    overlap=overlap(jdense[i], g, k),
-                    k=k,
-                    cosine=cos_sum[i] / samples,
-                )
+            record = LayerDiagnostics(
+                layer=i,
+                width=g.shape[1],
+                samples=samples,
+                bias=_norm(bias_vec),
+                bias_mc=_norm(mc_bias_vec),
+                variance=_norm((sq_err_sum[i] / samples).mean(0) - bias_vec.square()),
+                variance_exact=_norm(mse_exact.mean(0) - bias_vec.square()),
+                cov_norm=cov_norm,
+                overlap=overlap(jdense[i], g, k),
+                k=k,
+                cosine=cos_sum[i] / samples,
             )
+            if not any(p.requires_grad for p in layers[i].parameters()):
+                # not estimated (no guess), as for backprop: no estimator statistics
+                record = replace(
+                    record,
+                    bias=None,
+                    bias_mc=None,
+                    variance=None,
+                    variance_exact=None,
+                    cov_norm=None,
+                    cosine=math.nan,
+                )
+            records.append(record)
         return records
 
 

@@ -10,6 +10,7 @@ whose logits are s_l.  Every estimator accepts an ``nn.Sequential`` that alterna
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -36,8 +37,9 @@ def MLP(widths: Sequence[int], bias: bool = True) -> nn.Sequential:  # noqa: N80
     if len(widths) < 2:
         raise ValueError(f"MLP needs at least an input and an output width, got widths={widths}")
     for w in widths:
-        if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+        if not isinstance(w, numbers.Integral) or isinstance(w, bool) or w < 1:
             raise ValueError(f"MLP widths must be positive integers, got widths={widths}")
+    widths = [int(w) for w in widths]
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
         linear = nn.Linear(n_in, n_out, bias=bias)
@@ -58,17 +60,27 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
         ValueError: the modules are of supported types but in an unsupported order, with
             mismatched widths, one ``nn.Linear`` at two positions or two layers sharing a
             parameter (tied weights), a weight or bias that is not an ``nn.Parameter`` (a
-            pruned layer: ``torch.nn.utils.prune`` computes the weight in a hook), or forward
-            hooks on the model or its modules (the forward-gradient estimators compute each
-            layer from its parameters and would skip them).  One ``nn.ReLU`` at several
-            positions is fine.
+            pruned layer: ``torch.nn.utils.prune`` computes the weight in a hook), a
+            parameter the layers do not use (registered on the ``nn.Sequential`` itself, or
+            beside a layer's weight and bias), or hooks that would change the function or its
+            gradient: forward or backward hooks on the model or its modules, global module
+            hooks (``torch.nn.modules.module.register_module_forward_hook`` and the like) and
+            gradient hooks on a parameter (``p.register_hook``).  The estimators compute each
+            layer from its parameters and write ``p.grad`` directly, so they would skip them.
+            One ``nn.ReLU`` at several positions is fine.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"unsupported model {type(model).__name__}: expected {_SUPPORTED}")
-    if model._forward_hooks or model._forward_pre_hooks:
+    if type(model).forward is not nn.Sequential.forward or "forward" in vars(model):
+        raise TypeError(
+            f"model {type(model).__name__} overrides nn.Sequential.forward: the estimators "
+            f"compute the layers one by one and would skip it; expected {_SUPPORTED}"
+        )
+    _check_hooks("the model", model)
+    if model._parameters:
         raise ValueError(
-            "the model has forward hooks: the estimators compute the layers from their "
-            "parameters and would skip them; remove them"
+            f"the model has its own parameter {next(iter(model._parameters))!r}, which no layer "
+            f"uses: expected {_SUPPORTED}"
         )
     # every position, a module used at several of them included (named_children lists it once)
     modules = list(model._modules.items())
@@ -89,14 +101,19 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
             )
         if isinstance(module, nn.ReLU) and module.inplace:
             raise ValueError(f"module {name!r}: in-place ReLU is not supported, use nn.ReLU()")
-        if module._forward_hooks or module._forward_pre_hooks:
-            raise ValueError(
-                f"module {name!r} has forward hooks (pruning and the old weight_norm work "
-                "through them): the estimators compute the layers from their parameters and "
-                "would skip them; remove them (torch.nn.utils.prune.remove makes pruning "
-                "permanent)"
+        if "forward" in vars(module):
+            raise TypeError(
+                f"module {name!r} has its own forward: the estimators compute the layer from "
+                f"its parameters and would skip it; expected {_SUPPORTED}"
             )
+        _check_hooks(f"module {name!r}", module)
         if isinstance(module, nn.Linear):
+            extra = set(module._parameters) - {"weight", "bias"}
+            if extra or module._modules:
+                raise ValueError(
+                    f"module {name!r} holds {'parameter' if extra else 'submodule'} "
+                    f"{min(extra or module._modules)!r} beside its weight and bias: not supported"
+                )
             if any(module is earlier for earlier in linears):
                 raise ValueError(
                     f"module {name!r} at position {pos} is a Linear already used at an earlier "
@@ -108,6 +125,11 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
                     raise ValueError(
                         f"module {name!r}: its {attr} is not an nn.Parameter (a pruned or "
                         "reparametrised layer): not supported"
+                    )
+                if value is not None and value._backward_hooks:
+                    raise ValueError(
+                        f"module {name!r}: its {attr} has gradient hooks (register_hook): the "
+                        "estimators write p.grad directly and would skip them; remove them"
                     )
                 if value is not None and any(
                     value is p for earlier in linears for p in (earlier.weight, earlier.bias)
@@ -124,7 +146,45 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
             linears.append(module)
     if isinstance(modules[-1][1], nn.ReLU):
         raise ValueError(f"model ends in nn.ReLU {modules[-1][0]!r}: expected {_SUPPORTED}")
+    _check_global_hooks()
     dtypes = {p.dtype for lin in linears for p in lin.parameters()}
     if len(dtypes) > 1 or not dtypes <= {torch.float32, torch.float64}:
         raise TypeError(f"model parameters must all be float32 or all float64, got {dtypes}")
     return linears
+
+
+def _check_hooks(what: str, module: nn.Module) -> None:
+    """Refuse forward and backward hooks on ``module`` (``what`` names it)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise ValueError(
+            f"{what} has forward hooks (pruning and the old weight_norm work through them): "
+            "the estimators compute the layers from their parameters and would skip them; "
+            "remove them (torch.nn.utils.prune.remove makes pruning permanent)"
+        )
+    if module._backward_hooks or module._backward_pre_hooks:
+        raise ValueError(
+            f"{what} has backward hooks: the estimators compute the layers from their "
+            "parameters and write p.grad directly, so they would skip them; remove them"
+        )
+
+
+#: torch's global module hooks (private names, absent ones skipped), each with what sets it
+_GLOBAL_HOOKS = {
+    "_global_forward_hooks": "register_module_forward_hook",
+    "_global_forward_pre_hooks": "register_module_forward_pre_hook",
+    "_global_backward_hooks": "register_module_full_backward_hook",
+    "_global_backward_pre_hooks": "register_module_full_backward_pre_hook",
+}
+
+
+def _check_global_hooks() -> None:
+    """Refuse global module hooks: they would run for backprop's autograd only."""
+    from torch.nn.modules import module as torch_module
+
+    for attr, setter in _GLOBAL_HOOKS.items():
+        if getattr(torch_module, attr, None):
+            raise ValueError(
+                f"global module hooks are registered (torch.nn.modules.module.{setter}): the "
+                "estimators compute the layers from their parameters and would skip them; "
+                "remove them"
+            )

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..models import linear_layers
 
-__all__ = ["Estimator", "check_batch", "prepare_batch"]
+__all__ = ["Estimator", "check_batch", "check_generator", "prepare_batch"]
 
 
 def prepare_batch(
@@ -50,6 +50,11 @@ def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
     w = layers[0].weight
+    if x.layout != torch.strided or y.layout != torch.strided:
+        raise TypeError(
+            f"x and y must be dense tensors, got layouts {x.layout} and {y.layout} "
+            "(use .to_dense())"
+        )
     if x.dim() != 2 or x.shape[1] != layers[0].in_features:
         raise ValueError(
             f"x must have shape (batch, {layers[0].in_features}), got {tuple(x.shape)}"
@@ -75,6 +80,22 @@ def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
             bad = y[out_of_range][0].item()
             raise ValueError(f"label {bad} out of range for {classes} classes")
         raise ValueError("x contains NaN or infinite values")
+
+
+def check_generator(generator: object, device: torch.device) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``generator`` is None or a ``torch.Generator``
+    on the device type of the batch (torch draws on a generator's own device only)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
+    if generator.device.type != device.type:
+        raise ValueError(
+            f"the generator is on {generator.device} but the batch on {device}: use "
+            f"torch.Generator(device={str(device)!r})"
+        )
 
 
 class Estimator(ABC):
@@ -104,6 +125,7 @@ class Estimator(ABC):
     ) -> Tensor:
         """Write gradient estimates into ``p.grad`` and return the loss (detached, 0-d)."""
         layers, x, y = prepare_batch(model, x, y, "estimate")
+        check_generator(generator, x.device)
         with torch.no_grad():
             loss, grads = self._estimate(layers, x, y, generator)
         for param, grad in grads:

@@ -29,6 +29,7 @@ weight, which the closed form leaves out.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -46,7 +47,12 @@ class WPrecondGuess(Guess):
     needs_jacobian = True
 
     def __init__(self, sigma: float = 1e-5, solver: str = "closed-form") -> None:
-        if not isinstance(sigma, (int, float)) or not sigma > 0 or sigma == float("inf"):
+        if (
+            not isinstance(sigma, numbers.Real)
+            or isinstance(sigma, bool)
+            or not sigma > 0
+            or sigma == float("inf")
+        ):
             raise ValueError(f"sigma must be a positive finite number, got sigma={sigma!r}")
         if solver not in ("svd", "closed-form"):
             raise ValueError(f"unknown solver {solver!r}; available: svd, closed-form")
