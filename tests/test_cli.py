@@ -340,6 +340,38 @@ def test_an_unusable_out_is_one_line_and_status_2(tmp_path: Path, capsys, comman
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link", "loop"]
 
 
+def test_folders_are_made_again_where_a_parent_was_removed_but_not_where_mkdir_refuses(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A parent removed meanwhile (another process's interrupted train) is made again; a
+    folder that mkdir cannot make below an existing parent (/proc refuses with ENOENT) is
+    the error it is, not "a folder on the way keeps being removed" after many attempts."""
+    from guessgrad.cli import common
+
+    real_mkdir, calls = os.mkdir, []
+
+    def removed_once(path, *args):
+        calls.append(Path(path))
+        if Path(path).name == "b" and len(calls) == 2:
+            os.rmdir(Path(path).parent)  # "a", made by this call, removed by someone else
+        return real_mkdir(path, *args)
+
+    monkeypatch.setattr(common.os, "mkdir", removed_once)
+    made = common._make_folders(tmp_path / "a" / "b" / "c")
+    assert (tmp_path / "a" / "b" / "c").is_dir() and len(made) == 3
+    assert [p.name for p in calls] == ["a", "b", "a", "b", "c"]
+
+    def refused(path, *args):
+        calls.append(Path(path))
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    calls.clear()
+    monkeypatch.setattr(common.os, "mkdir", refused)
+    with pytest.raises(FileNotFoundError):
+        common._make_folders(tmp_path / "d")
+    assert calls == [tmp_path / "d"]
+
+
 @pytest.mark.parametrize("command", [["report"], ["reproduce", "--report-only"]])
 def test_report_of_a_read_only_store_is_an_error(
     tmp_path: Path, capsys, monkeypatch, command
@@ -801,14 +833,13 @@ def test_bad_estimator_option_is_a_usage_error(tmp_path: Path, capsys, extra, sa
 @pytest.mark.parametrize(
     ("module", "command", "says"),
     [
-        ("train", ["train"], "interrupted: the checkpoint of the last finished epoch is kept"),
         ("reproduce", ["reproduce", "table3"], "interrupted: finished runs are kept"),
         ("bench", ["bench"], "interrupted."),
         ("diagnose", ["diagnose"], "interrupted."),
     ],
 )
 def test_ctrl_c_says_what_is_kept(module, command, says, monkeypatch, capsys) -> None:
-    """Only train and reproduce keep something to resume; bench and diagnose keep nothing."""
+    """reproduce keeps its finished runs; bench and diagnose keep nothing (train: below)."""
 
     def interrupted(_args):
         raise KeyboardInterrupt
@@ -821,6 +852,54 @@ def test_ctrl_c_says_what_is_kept(module, command, says, monkeypatch, capsys) ->
         assert err == says
     else:
         assert err == f"{says}; run the same command again to resume."
+
+
+@pytest.mark.parametrize("written", ["nothing", "checkpoint.pt", "final.json"])
+def test_ctrl_c_in_train_says_what_its_folder_holds(written, tmp_path, monkeypatch, capsys):
+    """Stopped before its first epoch, train keeps nothing (and removes the folder it made);
+    after one, the checkpoint; after the run's end (drawing its curves, say), the results.
+    Each used to be announced as a checkpoint to resume."""
+    out = tmp_path / "run"
+
+    def stopped(config, *, out_dir, **_kwargs):
+        if written != "nothing":
+            (out_dir / written).write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("guessgrad.training.train", stopped)
+    argv = ["train", "--width", "8", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 130
+    says = {
+        "nothing": "no epoch had finished: nothing is kept",
+        "checkpoint.pt": "the checkpoint of the last finished epoch is kept; run the same "
+        "command again to resume",
+        "final.json": f"the run had finished; its results are in {out}",
+    }[written]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted: {says}."
+    assert out.exists() == (written != "nothing")
+
+
+def test_train_that_waited_for_another_process_says_it_did_not_train(tmp_path, monkeypatch, capsys):
+    """A second ``train`` of one run waits for the first's lock and then finds it finished
+    (``train`` returns without starting): it says so, as for a run finished beforehand."""
+    out = tmp_path / "run"
+    record = {"train_accuracy": 0.5, "test_accuracy": 0.25, "steps": 8, "wall_seconds": 1.0}
+
+    def finished_meanwhile(config, *, out_dir, on_start=None, **_kwargs):
+        (out_dir / "metrics.jsonl").write_text("")
+        return {**record, "device": "cpu"}
+
+    def trained(config, *, out_dir, on_start=None, **_kwargs):
+        on_start(0)
+        return finished_meanwhile(config, out_dir=out_dir)
+
+    argv = ["train", "--width", "8", "--epochs", "1", "--device", "cpu", "--out", str(out)]
+    for fake, says in ((finished_meanwhile, True), (trained, False)):
+        monkeypatch.setattr("guessgrad.training.train", fake)
+        assert main(argv) == 0
+        stdout = capsys.readouterr().out
+        assert ("was finished by another process: not trained again" in stdout) == says
+        assert "train accuracy 0.5000, test accuracy 0.2500" in stdout
 
 
 def test_ctrl_c_while_starting_up_is_no_traceback(monkeypatch, capsys) -> None:

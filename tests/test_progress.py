@@ -144,3 +144,22 @@ def test_train_on_a_terminal_shows_a_bar_at_the_run_s_epoch_and_quiet_shows_noth
             quiet.on_epoch(_epoch_line(epoch))
         quiet.close()
     assert capsys.readouterr().err == ""
+
+
+def test_a_resumed_train_says_where_it_starts_and_its_bar_starts_there(capsys, monkeypatch) -> None:
+    from guessgrad.cli.progress import TrainProgress
+
+    note = "note: resuming from the checkpoint after epoch 40 of 100"
+    for terminal in (False, True):
+        monkeypatch.setattr(progress, "_is_terminal", lambda stream, t=terminal: t)
+        display = TrainProgress(100, 2, quiet=False, desc="run")
+        display.on_start(0)  # a fresh run: nothing to say
+        assert note not in capsys.readouterr().err
+        display.on_start(40)
+        if terminal:
+            assert display.bar is not None and display.bar.n == display.bar.initial == 40
+        display.close()
+        assert note in capsys.readouterr().err
+    quiet = TrainProgress(100, 2, quiet=True, desc="run")
+    quiet.on_start(40)
+    assert capsys.readouterr().err == ""

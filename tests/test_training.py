@@ -194,7 +194,11 @@ def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Pat
     # earlier versions'
     for name in ("checkpoint.pt.k1ll3d.tmp", "checkpoint.tmp", "metrics.tmp", "tmpab12cd34.tmp"):
         (tmp_path / "run" / name).write_bytes(b"half a file")
-    resumed = train(config, out_dir=tmp_path / "run", data=data)
+    started: list[int] = []
+    resumed = train(config, out_dir=tmp_path / "run", data=data, on_start=started.append)
+    assert started == [2]  # told once where it starts; not at all for a finished run
+    assert train(config, out_dir=tmp_path / "run", data=data, on_start=started.append) == resumed
+    assert started == [2]
     assert not list((tmp_path / "run").glob("*.tmp"))  # removed on resuming
     assert resumed["train_accuracy"] == reference["train_accuracy"]
     assert resumed["test_accuracy"] == reference["test_accuracy"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = ["counted"]
 
 
-def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, in the plural unless n is 1: "1 step", "2 steps"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, in the plural (``plural``, else ``noun`` + "s") unless n is 1:
+    "1 step", "2 steps"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

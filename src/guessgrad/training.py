@@ -351,6 +351,7 @@ def train(
     data: MNIST1D | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int, Tensor], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train an MLP on MNIST-1D with ``config``; return the content of ``final.json``.
 
@@ -359,14 +360,16 @@ def train(
     from it.  Either of another config raises :class:`RunDirectoryConflict` (nothing is
     overwritten).  ``on_epoch`` receives each epoch's metrics line; ``on_step`` the step index
     and the batch's loss, a 0-dim tensor on the device (``float(loss)`` waits for the device,
-    which the training loop itself does once per epoch).
+    which the training loop itself does once per epoch); ``on_start`` the number of epochs
+    already done (0, or the checkpoint's), once, when this call starts training (not where it
+    returns a finished run's record).
 
     While it trains, ``out_dir`` is locked (``.lock``, POSIX ``flock``): a second process
     training the same run waits for the first, with a warning, and then finds it finished.
     """
     device = resolve_device(config.device)
     if out_dir is None:
-        return _train(config, device, None, data, on_epoch, on_step)
+        return _train(config, device, None, data, on_epoch, on_step, on_start)
     out = Path(out_dir)
     # a directory of another run or of something else is refused before anything is written
     final, ckpt = _read_stored_run(out, device)
@@ -375,7 +378,7 @@ def train(
         tidy_finished(out)
         return final
     with _run_lock(out):
-        return _train(config, device, out, data, on_epoch, on_step)
+        return _train(config, device, out, data, on_epoch, on_step, on_start)
 
 
 @contextmanager
@@ -494,6 +497,7 @@ def _train(
     data: MNIST1D | None,
     on_epoch: Callable[[dict[str, Any]], None] | None,
     on_step: Callable[[int, Tensor], None] | None,
+    on_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """:func:`train` once ``out`` (if any) is locked: the stored run is read again, since
     another process may have trained it meanwhile."""
@@ -553,6 +557,8 @@ def _train(
 
     n = data.x_train.shape[0]
     diverged = False
+    if on_start is not None:
+        on_start(start_epoch)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)

@@ -83,11 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: what Ctrl-C or SIGTERM leaves to resume, per command (bench, diagnose, report keep nothing)
-_KEPT = {
-    "train": "the checkpoint of the last finished epoch is kept",
-    "reproduce": "finished runs are kept",
-}
+#: what Ctrl-C or SIGTERM leaves to resume, per command (bench, diagnose, report keep nothing;
+#: ``train`` says what its run folder holds, as the interrupt's ``kept``)
+_KEPT = {"reproduce": "finished runs are kept; run the same command again to resume"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,8 +112,8 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"guessgrad {args.command}: error: {err}", file=sys.stderr)
             return 2
         except (KeyboardInterrupt, Terminated) as err:
-            kept = _KEPT.get(args.command)
-            more = f": {kept}; run the same command again to resume" if kept else ""
+            kept = getattr(err, "kept", None) or _KEPT.get(args.command)
+            more = f": {kept}" if kept else ""
             what = "terminated" if isinstance(err, Terminated) else "interrupted"
             print(f"\n{what}{more}.", file=sys.stderr)
             return 128 + signal.SIGTERM if isinstance(err, Terminated) else 130

@@ -251,8 +251,11 @@ def _make_folders(path: Path) -> list[Path]:
                         continue
                     created.append(folder)
                 break
-            except FileNotFoundError:  # a parent removed meanwhile (an interrupted train's)
-                continue
+            except FileNotFoundError:
+                if _exists(folder.parent):  # not removed: mkdir refuses here (/proc, say)
+                    raise
+                # a parent removed meanwhile (an interrupted train's): made again, counted once
+                created = [made for made in created if _exists(made)]
         else:
             raise OSError("a folder on the way keeps being removed")
     except BaseException:

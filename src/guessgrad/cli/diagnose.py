@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..text import counted
 from .common import (
     DEVICE_HELP,
     UsageError,
@@ -177,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"estimator": repr(est), "layers": [r.as_dict() for r in records]}))
         return 0
-    print(f"{est!r}, width {width}, {x.shape[0]} examples, {args.samples} guesses each")
+    examples, guesses = counted(x.shape[0], "example"), counted(args.samples, "guess", "guesses")
+    print(f"{est!r}, width {width}, {examples}, {guesses} each")
     head = (
         "hidden layer",
         "bias",

@@ -77,6 +77,18 @@ class TrainProgress:
                 flush=True,
             )
 
+    def on_start(self, epochs_done: int) -> None:
+        """Training starts here after ``epochs_done`` epochs (a checkpoint's): say so."""
+        if not epochs_done or self.quiet:
+            return
+        note = f"note: resuming from the checkpoint after epoch {epochs_done} of {self.epochs}"
+        if self.bar is not None:  # the bar starts there, and its rate counts from there
+            self.bar.n = self.bar.initial = epochs_done
+            self.bar.refresh()
+            self.bar.write(note, file=self.stream)
+        else:
+            print(note, file=self.stream, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

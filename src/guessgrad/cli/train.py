@@ -173,10 +173,26 @@ def _unique(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [item for i, item in enumerate(items) if item not in items[:i]]
 
 
+def _kept(out: Path) -> str:
+    """What an interrupted ``train`` leaves in ``out``, for the message."""
+    try:
+        if (out / "final.json").is_file():
+            return f"the run had finished; its results are in {out}"
+        if (out / "checkpoint.pt").is_file():
+            return (
+                "the checkpoint of the last finished epoch is kept; run the same command again "
+                "to resume"
+            )
+    except OSError:
+        pass
+    return "no epoch had finished: nothing is kept"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..curves import draw_curves, read_metrics
     from ..data import mnist1d
     from ..experiments.paper import default_options
+    from ..experiments.runner import Terminated
     from ..training import RunDirectoryConflict, TrainingDiverged, train
 
     given = estimator_options(args)
@@ -217,40 +233,59 @@ def run(args: argparse.Namespace) -> int:
         already = (out / "final.json").is_file()
     except OSError:  # a name too long, say: output_dir says so in one line
         already = False
-    # an interrupt before the run writes anything leaves no empty folder behind
-    with output_folder(out) if not already else contextlib.nullcontext(out):
-        data = mnist1d()
-        if not (args.quiet or already):
-            for note in _notes(config, data.x_train.shape[0]):
-                print(f"note: {note}", file=sys.stderr)
-        steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
-        progress = TrainProgress(
-            config.epochs, steps_per_epoch, quiet=args.quiet or already, desc=config.slug()
-        )
-        try:
-            final = train(
-                config, out_dir=out, data=data, on_epoch=progress.on_epoch, on_step=progress.on_step
+    started = False
+
+    def on_start(epochs_done: int) -> None:
+        nonlocal started
+        started = True
+        progress.on_start(epochs_done)
+
+    try:
+        # an interrupt before the run writes anything leaves no empty folder behind
+        with output_folder(out) if not already else contextlib.nullcontext(out):
+            data = mnist1d()
+            if not (args.quiet or already):
+                for note in _notes(config, data.x_train.shape[0]):
+                    print(f"note: {note}", file=sys.stderr)
+            steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
+            progress = TrainProgress(
+                config.epochs, steps_per_epoch, quiet=args.quiet or already, desc=config.slug()
             )
-        except RunDirectoryConflict as err:
-            raise UsageError(str(err)) from None
-        except TrainingDiverged as err:
-            progress.close()
-            print(f"guessgrad train: error: {err}", file=sys.stderr)
-            return 1
-        finally:
-            progress.close()
-    title = f"{config.method}, width {config.width}, depth {config.depth}, seed {config.seed}"
-    if not already or (not (out / "curves.png").exists() and os.access(out, os.W_OK | os.X_OK)):
-        draw_curves(
-            [(config.slug(), {config.method: [read_metrics(out)]})], out / "curves.png", title
-        )
-    if not args.quiet:
-        if already:
-            other = "another --out" if args.out is not None else "--out"
-            print(f"{out} holds a finished run: not trained again (remove it, or pass {other}).")
-        print(
-            f"{config.slug()}: train accuracy {final['train_accuracy']:.4f}, "
-            f"test accuracy {final['test_accuracy']:.4f}, {counted(final['steps'], 'step')} in "
-            f"{final['wall_seconds']:.1f} s on {final['device']} -> {out}"
-        )
+            try:
+                final = train(
+                    config,
+                    out_dir=out,
+                    data=data,
+                    on_epoch=progress.on_epoch,
+                    on_step=progress.on_step,
+                    on_start=on_start,
+                )
+            except RunDirectoryConflict as err:
+                raise UsageError(str(err)) from None
+            except TrainingDiverged as err:
+                progress.close()
+                print(f"guessgrad train: error: {err}", file=sys.stderr)
+                return 1
+            finally:
+                progress.close()
+        # another process may have finished the run while this one waited for its lock
+        finished_elsewhere = not already and not started
+        title = f"{config.method}, width {config.width}, depth {config.depth}, seed {config.seed}"
+        if not already or (not (out / "curves.png").exists() and os.access(out, os.W_OK | os.X_OK)):
+            draw_curves(
+                [(config.slug(), {config.method: [read_metrics(out)]})], out / "curves.png", title
+            )
+        if not args.quiet:
+            if already or finished_elsewhere:
+                other = "another --out" if args.out is not None else "--out"
+                how = "holds a finished run" if already else "was finished by another process"
+                print(f"{out} {how}: not trained again (remove it, or pass {other}).")
+            print(
+                f"{config.slug()}: train accuracy {final['train_accuracy']:.4f}, "
+                f"test accuracy {final['test_accuracy']:.4f}, {counted(final['steps'], 'step')} in "
+                f"{final['wall_seconds']:.1f} s on {final['device']} -> {out}"
+            )
+    except (KeyboardInterrupt, Terminated) as err:
+        err.kept = _kept(out)  # type: ignore[union-attr]
+        raise
     return 0

@@ -816,7 +816,8 @@ def report(
     if epochs != PAPER_EPOCHS and any(r.cell.paper is not None and r.cell.needs_training
                                       for r in results):  # fmt: skip
         notes.append(
-            f"These runs trained {epochs} epochs, the paper's {PAPER_EPOCHS}: its accuracies, "
+            f"These runs trained {counted(epochs, 'epoch')}, the paper's {PAPER_EPOCHS}: its "
+            "accuracies, "
             "times and measurements on final weights are not comparable with them, nor the "
             "differences beside them."
         )
@@ -828,9 +829,10 @@ def report(
     damaged = damaged_runs(experiment, store, seeds, epochs)
     if damaged:
         text = (
-            f"{counted(len(damaged), 'run')} not in the table: their final.json cannot be read "
-            "as a finished run's record; look at it, or remove it for `guessgrad reproduce` to "
-            "train the run again (from its checkpoint, where there is one): "
+            f"{counted(len(damaged), 'run')} not in the table: "
+            f"{'its' if len(damaged) == 1 else 'their'} final.json cannot be read as a finished "
+            "run's record; look at it, or remove it for `guessgrad reproduce` to train the run "
+            "again (from its checkpoint, where there is one): "
             + ", ".join(str(d / "final.json") for d in damaged)
         )
         warnings.warn(text, stacklevel=2)
