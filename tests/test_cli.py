@@ -511,6 +511,16 @@ def test_diagnose_prints_one_row_per_hidden_layer(tmp_path: Path, capsys) -> Non
     assert [r["layer"] for r in record["layers"]] == [0, 1, 2]  # the library's index
 
 
+def test_diagnose_notes_a_k_at_or_above_the_width_as_train_does(capsys) -> None:
+    argv = ["diagnose", "--method", "w-perp", "--width", "8", "--batch", "16", "--samples", "1"]
+    assert main([*argv, "--k", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: k = 8 >= width 8: each guess spans the whole row space" in err
+    assert "1 guess each" in out.splitlines()[0]
+    assert main([*argv, "--k", "7"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_diagnose_prints_the_librarys_statistics(capsys) -> None:
     """``guessgrad diagnose`` prints, row by row and column by column, what
     ``guessgrad.diagnose`` gives for the same initial weights (seed), batch, number of

@@ -30,6 +30,7 @@ __all__ = [
     "add_estimator_options",
     "estimator_options",
     "check_estimator",
+    "setting_notes",
     "device_name",
     "default_jobs",
     "set_threads",
@@ -171,6 +172,25 @@ def device_name(device: str) -> str:
         return str(resolve_device(device))
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def setting_notes(config: TrainConfig, examples: int) -> list[str]:
+    """Settings that run, but not as the numbers may suggest."""
+    from ..training import build_estimator
+
+    notes = []
+    k = build_estimator(config).options().get("k")  # the estimator's own default too
+    if isinstance(k, int) and k >= config.width:
+        notes.append(
+            f"k = {k} >= width {config.width}: each guess spans the whole row space of its "
+            "example's W̃ (as with k = rank)"
+        )
+    if config.batch_size > examples:
+        notes.append(
+            f"batch size {config.batch_size} > {examples} training examples: one step of "
+            f"{examples} examples per epoch"
+        )
+    return notes
 
 
 def make_config(**fields: Any) -> TrainConfig:

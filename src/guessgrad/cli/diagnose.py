@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from .common import (
     positive_int,
     seed_int,
     set_threads,
+    setting_notes,
 )
 
 if TYPE_CHECKING:
@@ -160,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     )
     set_threads(args.threads)
     data = mnist1d().to(config.device)
+    for note in setting_notes(config, data.x_train.shape[0]):
+        print(f"note: {note}", file=sys.stderr)
     model = initial_model(config, data.num_features, data.num_classes)
     if state is not None:
         try:

@@ -35,6 +35,7 @@ from .common import (
     positive_int,
     seed_int,
     set_threads,
+    setting_notes,
 )
 from .progress import TrainProgress
 
@@ -94,25 +95,6 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=out_path, help="output directory (default: results/runs/<slug>)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
     p.set_defaults(func=run)
-
-
-def _notes(config: TrainConfig, examples: int) -> list[str]:
-    """Settings that run, but not as the numbers may suggest."""
-    from ..training import build_estimator
-
-    notes = []
-    k = build_estimator(config).options().get("k")  # the estimator's own default too
-    if isinstance(k, int) and k >= config.width:
-        notes.append(
-            f"k = {k} >= width {config.width}: each guess spans the whole row space of its "
-            "example's W̃ (as with k = rank)"
-        )
-    if config.batch_size > examples:
-        notes.append(
-            f"batch size {config.batch_size} > {examples} training examples: one step of "
-            f"{examples} examples per epoch"
-        )
-    return notes
 
 
 def _stored_config(out: Path) -> dict[str, Any] | None:
@@ -245,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         with output_folder(out) if not already else contextlib.nullcontext(out):
             data = mnist1d()
             if not (args.quiet or already):
-                for note in _notes(config, data.x_train.shape[0]):
+                for note in setting_notes(config, data.x_train.shape[0]):
                     print(f"note: {note}", file=sys.stderr)
             steps_per_epoch = math.ceil(data.x_train.shape[0] / config.batch_size)
             progress = TrainProgress(
