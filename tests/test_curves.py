@@ -118,3 +118,16 @@ def test_a_diverged_curve_ends_in_a_cross_and_says_so() -> None:
     assert fig is not None
     assert not [ln for ln in fig.axes[1].lines if ln.get_marker() == "x"]
     assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["bad (diverged)"]
+
+
+def test_twenty_methods_get_twenty_colours_before_one_repeats() -> None:
+    """Past ten methods the colours went round again (the eleventh drawn as the first)."""
+    from guessgrad.curves import COLOURS, _palette, colour
+
+    labels = [f"method {i}" for i in range(20)]
+    palette = _palette(labels, {})
+    assert len(set(palette.values())) == 20 and len(set(COLOURS)) == 20
+    assert palette["method 0"] == "C0" and colour(20) == colour(0)
+    fixed = _palette(labels, {"method 5": "C0"})  # a fixed colour is not handed out again
+    assert fixed["method 5"] == "C0" and list(fixed.values()).count("C0") == 1
+    assert len(set(fixed.values())) == 20

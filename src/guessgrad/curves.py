@@ -26,7 +26,21 @@ from .files import atomic_path
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["read_metrics", "draw_curves", "curves_figure", "seed_std"]
+__all__ = ["read_metrics", "draw_curves", "curves_figure", "seed_std", "COLOURS", "colour"]
+
+#: the methods' colours: matplotlib's tab10 ("C0"–"C9"), then the lighter twins of tab20, so
+#: that twenty methods get twenty colours before one repeats
+COLOURS = (
+    *(f"C{i}" for i in range(10)),
+    *("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5"),
+    *("#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"),
+)
+
+
+def colour(i: int) -> str:
+    """The ``i``-th colour of :data:`COLOURS`, cyclically."""
+    return COLOURS[i % len(COLOURS)]
+
 
 #: one run's per-epoch records, as written to ``metrics.jsonl``
 Records = Sequence[Mapping[str, Any]]
@@ -88,9 +102,9 @@ def draw_curves(
 
 
 def _palette(labels: Sequence[str], fixed: Mapping[str, str]) -> dict[str, str]:
-    """``fixed``'s colours for its labels, the unused ones of ``C0``–``C9`` in turn for the
+    """``fixed``'s colours for its labels, the unused ones of :data:`COLOURS` in turn for the
     others."""
-    free = [f"C{i}" for i in range(10) if f"C{i}" not in set(fixed.values())] or ["C0"]
+    free = [c for c in COLOURS if c not in set(fixed.values())] or [COLOURS[0]]
     out, n = {}, 0
     for label in labels:
         if label in fixed:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..curves import draw_curves, read_metrics, seed_std
+from ..curves import colour, draw_curves, read_metrics, seed_std
 from ..files import atomic_path, atomic_write_json, atomic_write_text
 from ..text import counted
 from ..training import describe_code, same_code
@@ -533,7 +533,7 @@ def _draw_widths(
     handles: list[Any] = []
     for i, col in enumerate(_ordered([r.cell.col for r in cells])):
         curve = sorted((r for r in cells if r.cell.col == col), key=lambda r: r.cell.width)
-        color = colors.get(curve[0].cell.run.label, f"C{i % 10}")
+        color = colors.get(curve[0].cell.run.label, colour(i))
         pts = [(r.cell.width, r.mean, r.std or 0.0) for r in curve if r.mean is not None]
         if pts:
             x, y, e = zip(*pts)
@@ -592,7 +592,7 @@ def _draw_tradeoff(
     if not widths:
         return False
     labels = _ordered([r.cell.run.label for r in main])
-    colors = {label: colors.get(label, f"C{i % 10}") for i, label in enumerate(labels)}
+    colors = {label: colors.get(label, colour(i)) for i, label in enumerate(labels)}
     fig = Figure(figsize=(max(5.5, 4.8 * len(widths)), 4.4))
     axes = fig.subplots(1, len(widths), squeeze=False)[0]
     for ax, width in zip(axes, widths):

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from ..curves import colour
 from ..training import TrainConfig
 
 __all__ = [
@@ -274,7 +275,7 @@ class Experiment:
     def colors(self) -> dict[str, str]:
         """Each method label's matplotlib colour (``"C0"``, ``"C1"``, …) in every figure."""
         labels = self.palette or tuple(dict.fromkeys(c.run.label for c in self.cells))
-        return {label: f"C{i % 10}" for i, label in enumerate(labels)}
+        return {label: colour(i) for i, label in enumerate(labels)}
 
     def with_preset(self, preset: Preset | None) -> Experiment:
         """The experiment with ``preset`` applied (cells and figures filtered)."""
