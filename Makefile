@@ -1,7 +1,8 @@
 # Two entry points: `make reproduce-quick` (the main job) and `make test`.
-# Each builds .venv from nothing: a CPU build of PyTorch 2.13 and the package with its
-# test tools, compiling to bytecode only the modules that get imported (compiling all of them
-# took half of the set-up; see WARM).  PYTHON may name another interpreter (3.10+).
+# Each builds .venv from nothing: PyTorch 2.13 (a CPU build where pip's index serves one) and
+# the package with its test tools, compiling to bytecode only the modules that get imported
+# (compiling all of them took half of the set-up; see WARM).  PYTHON may name another
+# interpreter (3.10+).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
