@@ -1,4 +1,4 @@
-"""One timed session on an accelerator: benchmarks, then Table 4's runs in order of priority.
+"""Benchmarks, then Table 4's runs in order of priority, on an accelerator within a time budget.
 
     python scripts/device_record.py --device cuda --budget 540 --out OUT
 
@@ -11,13 +11,13 @@
    benchmark's step time (or, without one, the other width's scaled by width²) says it ends
    within ``--budget`` seconds of the script's start, evaluation and checkpoints included; a
    run with no estimate at all is not started.  After every run the store's JSON files are
-   packed into ``OUT/store.tar.gz``, so that a session cut short keeps every finished run;
-   ``guessgrad report table4 --out STORE`` renders the table from them.
+   packed into ``OUT/store.tar.gz``, so that a run of this script cut short keeps every
+   finished run; ``guessgrad report table4 --out STORE`` renders the table from them.
 3. ``OUT/summary.json``, rewritten after every run: the card, torch and CUDA versions, each
    finished run's time and accuracies, and the ratio of the width-512 w-perp run's time to the
    w-transpose run's (the accelerator target, at most 2).
 
-The budget counts from the script's start: give it what the call has left, e.g.
+The budget counts from the script's start: give it the time that is left, e.g.
 ``--budget $((540 - SECONDS))`` after a set-up in the same shell.
 """
 

@@ -71,7 +71,7 @@ class BenchRecord:
     step_seconds_iqr: float
     peak_memory_bytes: int | None
     fidelity: float | None
-    #: beyond the issue's keys: what else decides the figures
+    #: what else decides the figures
     depth: int
     threads: int
     torch: str
