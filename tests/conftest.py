@@ -25,11 +25,12 @@ torch.set_num_threads(1)
 
 #: constructor options each registered estimator is tested with (default: one case, no options)
 TEST_OPTIONS: dict[str, list[dict[str, Any]]] = {
+    # the exact solver and the fast one (the default) side by side
     "w-perp": [
-        {"k": 3},
+        {"k": 3, "solver": "svd"},
         {"k": 3, "solver": "subspace"},
         {"k": 10, "solver": "subspace"},
-        {"k": "rank"},
+        {"k": "rank", "solver": "svd"},
         {"k": "rank", "solver": "subspace"},
     ],
     "w-perp-bottom": [{"k": 3}],

@@ -204,7 +204,10 @@ def test_no_grad_context_and_no_graph(estimator_case, model, batch, monkeypatch)
 def test_dtypes_and_bias_free_models(estimator_case, dtype, bias, make_mlp, make_batch):
     model = make_mlp(dtype=dtype, bias=bias, seed=2)
     x, y = make_batch(model, 4, seed=2)
-    loss = estimator_case.make().estimate(model, x, y, generator=seeded(0))
+    est = estimator_case.make()
+    loss = est.estimate(model, x, y, generator=seeded(0))
+    if isinstance(est, guessgrad.Backprop):
+        _assert_autograd_grads(model, x, y)
     assert loss.dtype == dtype
     torch.testing.assert_close(loss, F.cross_entropy(model(x), y).detach())
     for layer in guessgrad.linear_layers(model):
@@ -220,9 +223,24 @@ def test_dtypes_and_bias_free_models(estimator_case, dtype, bias, make_mlp, make
     ]
 
 
+def _assert_autograd_grads(model, x, y):
+    """``p.grad`` of ``model`` equals what ``loss.backward()`` gives on a copy of it."""
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.grad = None
+    F.cross_entropy(twin(x), y).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-12)
+
+
 def test_batch_of_one(estimator_case, model, make_batch):
     x, y = make_batch(model, 1, seed=6)
-    loss = estimator_case.make().estimate(model, x, y, generator=seeded(0))
+    est = estimator_case.make()
+    loss = est.estimate(model, x, y, generator=seeded(0))
+    if isinstance(est, guessgrad.Backprop):
+        _assert_autograd_grads(model, x, y)
     torch.testing.assert_close(loss, F.cross_entropy(model(x), y).detach())
     layers = guessgrad.linear_layers(model)
     for layer in layers:
@@ -324,6 +342,8 @@ def test_frozen_parameters_are_left_alone_as_autograd_does(estimator_case, model
             assert bool(torch.isfinite(p.grad).all())
             if isinstance(est, guessgrad.Backprop):
                 assert torch.equal(p.grad, q.grad)
+    if isinstance(est, guessgrad.Backprop):
+        _assert_autograd_grads(m, x, y)
 
 
 def test_a_frozen_layer_gets_no_guess(forward_case, model, batch):

@@ -269,22 +269,45 @@ def test_isotropic_covariance_is_identity():
     assert torch.equal(cov, torch.eye(9, dtype=F64).expand(3, 9, 9))
 
 
+@pytest.mark.parametrize("name", [name for name in GUESSES if name != "isotropic"])
+def test_a_guess_that_needs_the_jacobian_refuses_the_output_layer(name):
+    """At the output layer (no next layer, no W̃) a clear ValueError, not an AssertionError
+    (or, under ``python -O``, an AttributeError from deep inside)."""
+    hidden = random_site(4, 6, 3, seed=1)
+    output = Site(index=3, x=hidden.x, s=hidden.s, jacobian=None)
+    guess = GUESSES[name]()
+    assert guess.needs_jacobian
+    for call in (
+        lambda: guess.sample(output, {}, generator=seeded(0)),
+        lambda: guess.covariance(output, {}),
+    ):
+        with pytest.raises(ValueError, match="layer 3 is the output layer"):
+            call()
+    assert IsotropicGuess().sample(output, {}, generator=seeded(0)).shape == (3, 6)
+
+
 # ---------------------------------------------------------------- samples
 
 
-@pytest.mark.parametrize("name", list(GUESSES))
+@pytest.mark.parametrize("name", [name for name in GUESSES if name != "isotropic"])
 def test_samples_lie_in_the_range_of_the_covariance(name):
-    """Every guess y_b lies in range(C_b): (I − P_b) y_b = 0, P_b the range projector."""
-    site = random_site(12, 8, 6, seed=9, dead=(0,), few=(1,))
-    guess = GUESSES[name]()
-    state: dict = {}
-    cov = guess.covariance(site, state)
-    y = guess.sample(site, state, generator=seeded(0))
-    assert y.shape == (6, 8) and torch.isfinite(y).all()
-    lam, u = torch.linalg.eigh(cov)
-    null = u * (lam <= 1e-10).to(F64).unsqueeze(1)
-    leak = (null.mT @ y.unsqueeze(-1)).squeeze(-1)
-    assert float(leak.abs().max()) <= 1e-12
+    """Every guess y_b lies in range(C_b): (I − P_b) y_b = 0, P_b the range projector; on a
+    tall W̃ (12 × 8) and a wide one (4 × 10, whose rank 4 leaves every covariance a null space
+    for the test to look in).  The isotropic guess, C = I, has none."""
+    nulls = 0
+    for m, n in ((12, 8), (4, 10)):
+        site = random_site(m, n, 6, seed=9, dead=(0,), few=(1,))
+        guess = GUESSES[name]()
+        state: dict = {}
+        cov = guess.covariance(site, state)
+        y = guess.sample(site, state, generator=seeded(0))
+        assert y.shape == (6, n) and torch.isfinite(y).all()
+        lam, u = torch.linalg.eigh(cov)
+        null = u * (lam <= 1e-10).to(F64).unsqueeze(1)
+        nulls += int((lam <= 1e-10).sum())
+        leak = (null.mT @ y.unsqueeze(-1)).squeeze(-1)
+        assert float(leak.abs().max()) <= 1e-12
+    assert nulls >= 6 * (10 - 4)  # the test has power: at least the wide site's null spaces
 
 
 def test_w_perp_samples_lie_in_the_top_k_svd_subspace():
@@ -310,9 +333,11 @@ def test_covariance_reads_but_never_changes_state_or_generator():
     guess.sample(site, state, generator=seeded(0))
     saved = copy.deepcopy(state)
     gen = seeded(5)
+    torch.manual_seed(7)
     cov = guess.covariance(site, state)
     assert state.keys() == saved.keys() and torch.equal(state["start"], saved["start"])
-    assert torch.equal(gen.get_state(), seeded(5).get_state())
+    # no draw from the global generator either (covariance takes none of its own)
+    assert torch.equal(torch.get_rng_state(), torch.manual_seed(7).get_state())
     # the next sample uses the basis the covariance described
     y = guess.sample(site, state, generator=gen)
     torch.testing.assert_close((cov @ y.unsqueeze(-1)).squeeze(-1), y, rtol=0, atol=1e-9)
@@ -427,8 +452,15 @@ def test_warm_start_follows_the_model_to_another_dtype():
     starts = [layer["start"] for layer in est.state.values() if "start" in layer]
     assert len(starts) == 1 and starts[0].dtype == torch.float32  # the 4-row layer: closed form
     model64 = copy.deepcopy(model).double()
+    carried = {i: layer["start"].double() for i, layer in est.state.items() if "start" in layer}
+    fresh = copy.deepcopy(est)
+    fresh.state = {}
     est.estimate(model64, x.double(), y, generator=torch.Generator().manual_seed(1))
+    fresh.estimate(model64, x.double(), y, generator=torch.Generator().manual_seed(1))
     assert all(layer["start"].dtype == torch.float64 for layer in est.state.values() if layer)
+    for i, start in carried.items():  # the step started from the converted block, not afresh
+        assert not torch.allclose(est.state[i]["start"], fresh.state[i]["start"])
+        assert not torch.allclose(est.state[i]["start"], start)  # and moved it on
     for p in model64.parameters():
         assert p.grad.dtype == torch.float64 and bool(torch.isfinite(p.grad).all())
 

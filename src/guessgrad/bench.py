@@ -52,7 +52,6 @@ from .training import resolve_device
 __all__ = [
     "BenchRecord",
     "parse_method",
-    "bench_method",
     "bench_methods",
     "layer_fidelities",
     "median_seconds",
@@ -332,11 +331,6 @@ def bench_methods(
 def bench_units(methods: int, *, steps: int, warmup: int, memory: bool = True) -> int:
     """How many times :func:`bench_methods` calls ``on_progress``."""
     return methods * (warmup + steps + 1 + int(memory))
-
-
-def bench_method(spec: str, **kwargs: Any) -> BenchRecord:
-    """:func:`bench_methods` for one method."""
-    return bench_methods([spec], **kwargs)[0]
 
 
 def markdown(records: list[BenchRecord]) -> str:

@@ -216,7 +216,7 @@ def diagnose(
             mse_exact = mse_exact - 2 * g * cg + g.square()
             mc_bias_vec = (g_hat_sum[i] / samples - g).mean(0)
             cov_norm = math.sqrt(float((c - eye).square().sum((1, 2)).mean()) / g.shape[1] ** 2)
-            record = LayerDiagnostics(
+            stats = LayerDiagnostics(
                 layer=i,
                 width=g.shape[1],
                 samples=samples,
@@ -231,8 +231,8 @@ def diagnose(
             )
             if not any(p.requires_grad for p in layers[i].parameters()):
                 # not estimated (no guess), as for backprop: no estimator statistics
-                record = replace(
-                    record,
+                stats = replace(
+                    stats,
                     bias=None,
                     bias_mc=None,
                     variance=None,
@@ -240,7 +240,7 @@ def diagnose(
                     cov_norm=None,
                     cosine=math.nan,
                 )
-            records.append(record)
+            records.append(stats)
         return records
 
 

@@ -490,6 +490,12 @@ def tidy_finished(out: Path) -> None:
             pass
 
 
+#: seed offsets of a run's batch order and guesses: streams apart from the initial weights'
+#: (seeded by ``config.seed`` itself), and from each other
+ORDER_SEED_OFFSET = 1_000_003
+GUESS_SEED_OFFSET = 2_000_003
+
+
 def _train(
     config: TrainConfig,
     device: torch.device,
@@ -518,8 +524,8 @@ def _train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
-    order_gen = torch.Generator().manual_seed(config.seed + 1_000_003)
-    guess_gen = torch.Generator(device=device).manual_seed(config.seed + 2_000_003)
+    order_gen = torch.Generator().manual_seed(config.seed + ORDER_SEED_OFFSET)
+    guess_gen = torch.Generator(device=device).manual_seed(config.seed + GUESS_SEED_OFFSET)
 
     commit, modified = git_revision()
     record = {

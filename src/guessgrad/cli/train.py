@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
             except RunDirectoryConflict as err:
                 raise UsageError(str(err)) from None
             except TrainingDiverged as err:
-                progress.close()
+                progress.close()  # the bar off the line before the message
                 print(f"guessgrad train: error: {err}", file=sys.stderr)
                 return 1
             finally:

@@ -12,6 +12,7 @@ method).  Hidden layers use ``guess``; the output layer, which has no next layer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -58,7 +59,7 @@ class ForwardGradient(Estimator):
         y: Tensor,
         *,
         generator: torch.Generator | None = None,
-        on_site: Any = None,
+        on_site: Callable[[Site, Guess, dict[str, Any]], None] | None = None,
     ) -> TangentPass:
         """One forward pass with fresh guesses; ``on_site(site, guess, state)`` is called
         before each layer's guess is drawn (the metrics use it to read covariances).

@@ -71,6 +71,7 @@ def tangent_forward(
         sites.append(site)
         injected.append(v)
         if jac is not None:
+            # masked in place unless ts is the injected guess itself, which the caller keeps
             h, t = torch.relu(s), ts.mul_(jac.mask) if ts is not v else ts * jac.mask
     log_p = F.log_softmax(s, dim=1)
     loss = F.nll_loss(log_p, y)

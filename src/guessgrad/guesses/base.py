@@ -45,6 +45,15 @@ class Site:
     def width(self) -> int:
         return self.s.shape[1]
 
+    def require_jacobian(self) -> UpstreamJacobian:
+        """The upstream Jacobians; ``ValueError`` at the output layer, which has none."""
+        if self.jacobian is None:
+            raise ValueError(
+                f"layer {self.index} is the output layer: it has no upstream Jacobian, which "
+                "this guess needs (use it for hidden layers only)"
+            )
+        return self.jacobian
+
 
 def gaussian(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Standard normal samples with ``like``'s dtype and device, drawn from ``generator``."""

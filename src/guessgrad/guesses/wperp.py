@@ -214,8 +214,7 @@ class WPerpGuess(Guess):
 
     def basis(self, site: Site, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Rows spanning the guessing subspace, ``(B, r, n)``, and the state updates."""
-        jac = site.jacobian
-        assert jac is not None
+        jac = site.require_jacobian()
         if self.solver == "svd":
             if self.k == "rank":
                 return rank_right_singular(jac.dense()), {}
@@ -303,8 +302,7 @@ class WPerpGuess(Guess):
     def sample(
         self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
     ) -> Tensor:
-        jac = site.jacobian
-        assert jac is not None
+        jac = site.require_jacobian()
         if self.solver == "subspace" and self.k == "rank" and jac.rows >= jac.cols:
             return jac.restrict(gaussian((site.batch, site.width), site.s, generator))
         if self.solver == "subspace" and self.k != "rank" and jac.rows > int(self.k):

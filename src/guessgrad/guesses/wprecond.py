@@ -42,7 +42,8 @@ __all__ = ["WPrecondGuess"]
 
 
 class WPrecondGuess(Guess):
-    """y_b = (W̃_σᵀ W̃_σ)^{-1/2} W̃_σᵀ ε_b, computed from one batched SVD per step."""
+    """y_b = (W̃_σᵀ W̃_σ)^{-1/2} W̃_σᵀ ε_b: by the closed form (no SVD; the default) or by one
+    batched SVD per step (``solver="svd"``, the literal formula); see the module docstring."""
 
     needs_jacobian = True
 
@@ -61,8 +62,7 @@ class WPrecondGuess(Guess):
 
     def factor(self, site: Site) -> Tensor:
         """F_b with y_b = F_bᵀ ε_b and Cov(y_b) = F_bᵀ F_b, ``(B, m, n)``."""
-        assert site.jacobian is not None
-        u, lam, vh = torch.linalg.svd(site.jacobian.dense(), full_matrices=False)
+        u, lam, vh = torch.linalg.svd(site.require_jacobian().dense(), full_matrices=False)
         shifted = lam.square() + self.sigma  # (B, r): eigenvalues of W̃_σᵀ W̃_σ on span V
         # W̃_σᵀ contributes (Λ²+σ)^{1/2}, the inverse square root (Λ²+σ)^{-1/2}
         gain = shifted.sqrt() * shifted.rsqrt()  # (B, r), = 1 up to rounding
@@ -71,8 +71,7 @@ class WPrecondGuess(Guess):
     def sample(
         self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
     ) -> Tensor:
-        jac = site.jacobian
-        assert jac is not None
+        jac = site.require_jacobian()
         if self.solver == "closed-form" and jac.rows >= jac.cols:
             return gaussian((site.batch, site.width), site.s, generator)  # Cov = I
         f = self._closed_form(site) if self.solver == "closed-form" else self.factor(site)
@@ -81,8 +80,7 @@ class WPrecondGuess(Guess):
 
     def covariance(self, site: Site, state: dict[str, Any]) -> Tensor:
         if self.solver == "closed-form":
-            jac = site.jacobian
-            assert jac is not None
+            jac = site.require_jacobian()
             if jac.rows >= jac.cols:
                 eye = torch.eye(site.width, dtype=site.s.dtype, device=site.s.device)
                 return eye.expand(site.batch, -1, -1)
@@ -94,8 +92,8 @@ class WPrecondGuess(Guess):
     def _closed_form(self, site: Site) -> Tensor:
         # m < n: V of the reduced SVD spans the m-dimensional row space (zero rows where
         # W̃_b has rank < m; the paper's V then holds arbitrary null directions of weight 1)
-        assert site.jacobian is not None
-        return exact_row_space(site.jacobian, site.jacobian.rows)
+        jac = site.require_jacobian()
+        return exact_row_space(jac, jac.rows)
 
     def __repr__(self) -> str:
         return f"WPrecondGuess(sigma={self.sigma!r}, solver={self.solver!r})"

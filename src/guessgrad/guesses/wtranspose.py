@@ -24,12 +24,10 @@ class WTransposeGuess(Guess):
     def sample(
         self, site: Site, state: dict[str, Any], *, generator: torch.Generator | None
     ) -> Tensor:
-        jac = site.jacobian
-        assert jac is not None
+        jac = site.require_jacobian()
         eps = gaussian((site.batch, jac.rows), site.s, generator)  # (B, m)
         return jac.apply_t(eps)  # (B, n)
 
     def covariance(self, site: Site, state: dict[str, Any]) -> Tensor:
-        assert site.jacobian is not None
-        w = site.jacobian.dense()  # (B, m, n)
+        w = site.require_jacobian().dense()  # (B, m, n)
         return w.transpose(1, 2) @ w

@@ -11,10 +11,12 @@ spectrum of G_b is flat.
 
 Everything else happens in the small coordinates of the Krylov space (:func:`krylov_ritz`):
 one batched float64 Gram of the Krylov vectors, then p × p Cholesky factors, triangular
-solves and products, p = b·(depth + 1).  No SVD, QR or eigendecomposition of anything, and no
-orthogonalisation of n-vectors: batched LAPACK on many small matrices is slow on CPU and GPU
-alike (a batched symmetric eigensolver is >10× slower than a batched Cholesky of the same
-matrices), and Gram–Schmidt on n-vectors costs more than the products themselves.
+solves and products, p = b·(depth + 1).  The solve runs no SVD, QR or eigendecomposition of
+anything, and no orthogonalisation of n-vectors (the reference and fallback helpers below do,
+and so do the rare examples whose rebuilt rows would not be orthonormal): batched LAPACK on
+many small matrices is slow on CPU and GPU alike (a batched symmetric eigensolver is >10×
+slower than a batched Cholesky of the same matrices), and Gram–Schmidt on n-vectors costs more
+than the products themselves.
 
 Warm start: every example starts from Y_0 = P_b S, the shared block S (b × n) restricted to
 the coordinates that can carry gradient (for ReLU, the active units), and S tracks the top-b
