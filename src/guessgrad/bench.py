@@ -25,20 +25,15 @@ page faults to every method.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .config import option_value
 from .data import mnist1d
@@ -46,8 +41,6 @@ from .estimators import Estimator, ForwardGradient, make_estimator
 from .guesses import Site, WPerpGuess
 from .metrics import subspace_fidelity
 from .models import MLP, linear_layers
-from .text import counted
-from .training import resolve_device
 
 __all__ = [
     "BenchRecord",
@@ -55,7 +48,8 @@ __all__ = [
     "bench_methods",
     "layer_fidelities",
     "median_seconds",
-    "main",
+    "markdown",
+    "bench_units",
 ]
 
 
@@ -357,60 +351,3 @@ def markdown(records: list[BenchRecord]) -> str:
             f"{ratio(r, 'w-transpose', 'peak_memory_bytes')} | {fid} |"
         )
     return "\n".join(lines)
-
-
-def main(args: argparse.Namespace) -> int:
-    for name in ("width", "depth", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.warmup < 0:
-        raise ValueError("--warmup must be >= 0")
-    device = resolve_device(args.device)
-    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
-    if not specs:
-        raise ValueError(f"--methods: expected names like backprop,w-perp, got {args.methods!r}")
-    seen: dict[str, str] = {}
-    for spec in specs:  # fail on a bad name, or a method listed twice, before timing anything
-        name, options = parse_method(spec)
-        # the estimator's repr names every option, defaults included: w-perp:k=2 is
-        # w-perp:k=02, and w-perp is w-perp:k=10
-        key = repr(make_estimator(name, **options))
-        if key in seen:
-            raise ValueError(f"--methods lists {name} twice: {seen[key]} and {spec}")
-        seen[key] = spec
-    total = bench_units(len(specs), steps=args.steps, warmup=args.warmup)
-    # a bar on a terminal (tqdm's disable=None), else about twenty plain lines, on stderr:
-    # stdout keeps the table
-    every, start, units = max(1, math.ceil(total / 20)), time.perf_counter(), 0
-    with tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=None) as bar:
-
-        def advance(what: str) -> None:
-            nonlocal units
-            bar.set_postfix_str(what, refresh=False)
-            bar.update()
-            units += 1
-            if bar.disable and (units % every == 0 or units == total):
-                elapsed = time.perf_counter() - start
-                print(f"bench: {units}/{total} ({what}), {elapsed:.0f} s", file=sys.stderr)
-
-        records = bench_methods(
-            specs,
-            width=args.width,
-            depth=args.depth,
-            batch_size=args.batch_size,
-            steps=args.steps,
-            warmup=args.warmup,
-            device=device,
-            seed=args.seed,
-            on_progress=advance,
-        )
-    if args.json:
-        print(json.dumps([asdict(r) for r in records], indent=2))
-    else:
-        print(
-            f"width {args.width}, depth {args.depth}, batch {args.batch_size}, device {device}, "
-            f"torch {torch.__version__} ({counted(torch.get_num_threads(), 'thread')}), "
-            f"{platform.processor() or platform.machine()}; median of {counted(args.steps, 'step')}"
-        )
-        print(markdown(records))
-    return 0

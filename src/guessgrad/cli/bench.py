@@ -1,8 +1,15 @@
-"""``guessgrad bench``: the options; the measurements are :func:`guessgrad.bench.main`'s."""
+"""``guessgrad bench``: the options, the progress display and the table; the measurements are
+:func:`guessgrad.bench.bench_methods`'."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict
 
 from .common import DEVICE_HELP, UsageError, nonnegative_int, positive_int, seed_int, set_threads
 
@@ -50,10 +57,68 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import bench
-
     set_threads(args.threads)
     try:
-        return bench.main(args)
+        return _bench(args)
     except ValueError as err:  # bad option values
         raise UsageError(str(err)) from None
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..bench import bench_methods, bench_units, markdown, parse_method
+    from ..estimators import make_estimator
+    from ..text import counted
+    from ..training import resolve_device
+
+    device = resolve_device(args.device)
+    specs = [s.strip() for s in args.methods.split(",") if s.strip()]
+    if not specs:
+        raise ValueError(f"--methods: expected names like backprop,w-perp, got {args.methods!r}")
+    seen: dict[str, str] = {}
+    for spec in specs:  # fail on a bad name, or a method listed twice, before timing anything
+        name, options = parse_method(spec)
+        # the estimator's repr names every option, defaults included: w-perp:k=2 is
+        # w-perp:k=02, and w-perp is w-perp:k=10
+        key = repr(make_estimator(name, **options))
+        if key in seen:
+            raise ValueError(f"--methods lists {name} twice: {seen[key]} and {spec}")
+        seen[key] = spec
+    total = bench_units(len(specs), steps=args.steps, warmup=args.warmup)
+    # a bar on a terminal (tqdm's disable=None), else about twenty plain lines, on stderr:
+    # stdout keeps the table
+    every, start, units = max(1, math.ceil(total / 20)), time.perf_counter(), 0
+    with tqdm(total=total, desc="bench", unit="step", file=sys.stderr, disable=None) as bar:
+
+        def advance(what: str) -> None:
+            nonlocal units
+            bar.set_postfix_str(what, refresh=False)
+            bar.update()
+            units += 1
+            if bar.disable and (units % every == 0 or units == total):
+                elapsed = time.perf_counter() - start
+                print(f"bench: {units}/{total} ({what}), {elapsed:.0f} s", file=sys.stderr)
+
+        records = bench_methods(
+            specs,
+            width=args.width,
+            depth=args.depth,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=device,
+            seed=args.seed,
+            on_progress=advance,
+        )
+    if args.json:
+        print(json.dumps([asdict(r) for r in records], indent=2))
+    else:
+        print(
+            f"width {args.width}, depth {args.depth}, batch {args.batch_size}, device {device}, "
+            f"torch {torch.__version__} ({counted(torch.get_num_threads(), 'thread')}), "
+            f"{platform.processor() or platform.machine()}; median of {counted(args.steps, 'step')}"
+        )
+        print(markdown(records))
+    return 0
