@@ -806,8 +806,13 @@ def test_train_passes_other_estimator_options_with_option(tmp_path: Path, capsys
     assert main([*argv, "--device", "cpu", "--quiet", "--out", str(out)]) == 0
     options = json.loads((out / "config.json").read_text())["config"]["options"]
     assert options == {"k": 9, "solver": "subspace", "block": 2, "depth": 4, "warm_start": False}
-    # the default value, or an option the exact SVD does not use, names the plain run
-    for extra in (["--option", "ritz_iters=2"], ["--solver", "svd", "--option", "depth=3"]):
+    # the default value (block = k included), or an option the exact SVD does not use, names
+    # the plain run
+    for extra in (
+        ["--option", "ritz_iters=2"],
+        ["--option", "block=10"],
+        ["--solver", "svd", "--option", "depth=3"],
+    ):
         out = tmp_path / extra[-1]
         argv = ["train", "--method", "w-perp", "--width", "8", "--epochs", "1", *extra]
         assert main([*argv, "--device", "cpu", "--quiet", "--out", str(out)]) == 0

@@ -560,3 +560,18 @@ def test_newton_schulz_ratio_is_not_carried_to_a_layer_of_another_shape():
     fresh = gg.WPerp(k=3, solver="newton-schulz")
     for got, want in zip(covariances(moved, b, x, y), covariances(fresh, b, x, y), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_block_k_is_the_default_and_warm_start_takes_numpy_booleans():
+    """``block=k`` is the default setting (``block=None``): one record of it in ``options()``,
+    so that it names the same run; NumPy's booleans are taken for ``warm_start`` as Python's."""
+    import numpy as np
+
+    import guessgrad
+
+    assert WPerpGuess(4, solver="subspace", block=4).block is None
+    assert WPerpGuess(4, solver="subspace", block=5).block == 5
+    default = guessgrad.make_estimator("w-perp", k=4).options()
+    assert guessgrad.make_estimator("w-perp", k=4, block=4).options() == default
+    est = guessgrad.make_estimator("w-perp", k=4, warm_start=np.bool_(False))
+    assert est.options()["warm_start"] is False

@@ -48,6 +48,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -189,7 +190,7 @@ class WPerpGuess(Guess):
             raise ValueError("k='rank' is defined for subspace='top' only")
         if not isinstance(depth, int) or depth < 0:
             raise ValueError(f"depth must be a non-negative integer, got depth={depth!r}")
-        if not isinstance(warm_start, bool):
+        if not isinstance(warm_start, (bool, np.bool_)):
             raise ValueError(f"warm_start must be True or False, got warm_start={warm_start!r}")
         if not isinstance(ritz_iters, int) or ritz_iters < 1:
             raise ValueError(
@@ -206,11 +207,12 @@ class WPerpGuess(Guess):
         self.subspace = subspace
         self.solver = solver
         self.depth = depth
-        self.block = block
+        # block = k is the default (None): one setting, one record in options() and run names
+        self.block = None if block == k else block
         self.chunk = chunk
         self.refresh = refresh
         self.ritz_iters = ritz_iters
-        self.warm_start = warm_start
+        self.warm_start = bool(warm_start)
 
     def basis(self, site: Site, state: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         """Rows spanning the guessing subspace, ``(B, r, n)``, and the state updates."""
