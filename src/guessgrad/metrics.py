@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import integer, optional_integer
 from .estimators.base import Estimator, check_generator, prepare_batch
 from .estimators.forward_gradient import ForwardGradient
 from .guesses import Guess, Site, WPerpGuess
@@ -149,13 +149,8 @@ def diagnose(
             f"est must be an estimator (e.g. guessgrad.make_estimator('w-perp')) or a registry "
             f"name, got {est!r}"
         )
-    if not isinstance(samples, numbers.Integral) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"samples must be a positive integer, got samples={samples!r}")
-    samples = int(samples)
-    if k is not None:
-        if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be a positive integer, got k={k!r}")
-        k = int(k)
+    samples = integer("samples", samples)
+    k = optional_integer("k", k)
     layers, x, y = prepare_batch(model, x, y, "diagnose")
     check_generator(generator, x.device)
     g_true, w_true = true_gradients(layers, x, y)

@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from ..checks import integer, optional_integer
 from ..data import MNIST1D, mnist1d
 from ..estimators import make_estimator
 from ..files import atomic_write_json
@@ -343,10 +344,8 @@ def run_tasks(
     A ``KeyboardInterrupt`` stops the workers and propagates; finished runs stay finished
     and unfinished ones resume from their last epoch next time.
     """
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got jobs={jobs!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got threads={threads!r}")
+    jobs = integer("jobs", jobs)
+    threads = optional_integer("threads", threads)
     store = RunStore(root)
     outcomes: list[Outcome] = []
     unique = {t.label(): t for t in tasks}  # the same run may serve several experiments

@@ -45,13 +45,13 @@ form above gives the m-dimensional row space.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import integer, optional_integer
 from ..jacobians import (
     UpstreamJacobian,
     active_groups,
@@ -90,14 +90,6 @@ NS_GROUP = 64
 DEFAULT_CHUNK: int | None = None
 #: with ``chunk=None``, the solver's per-chunk workspace stays within this many bytes
 CHUNK_BYTES = 5 * 2**20
-
-
-def _integer(value: Any) -> Any:
-    """``int(value)`` for an integer of any type but bool; anything else as it is (refused by
-    the checks that follow)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return value
 
 
 class WPerpGuess(Guess):
@@ -151,27 +143,16 @@ class WPerpGuess(Guess):
         warm_start: bool = True,
     ) -> None:
         # integers of any kind (NumPy's too) are taken as ints, booleans are not
-        refresh, chunk, depth, block, ritz_iters = map(
-            _integer, (refresh, chunk, depth, block, ritz_iters)
-        )
-        k = k if k == "rank" else _integer(k)
-        for name, value in (
-            ("k", k),
-            ("depth", depth),
-            ("block", block),
-            ("chunk", chunk),
-            ("ritz_iters", ritz_iters),
-        ):
-            if isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {name}={value!r}")
-        if isinstance(refresh, bool):
-            raise ValueError(f"refresh must be a positive integer, got refresh={refresh!r}")
-        if not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"refresh must be a positive integer, got refresh={refresh!r}")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ValueError(f"chunk must be a positive integer or None, got chunk={chunk!r}")
-        if k != "rank" and (not isinstance(k, int) or k < 1):
-            raise ValueError(f"k must be a positive integer or 'rank', got k={k!r}")
+        refresh = integer("refresh", refresh)
+        chunk = optional_integer("chunk", chunk)
+        depth = integer("depth", depth, minimum=0)
+        block = optional_integer("block", block)
+        ritz_iters = integer("ritz_iters", ritz_iters)
+        if not (isinstance(k, str) and k == "rank"):
+            try:
+                k = integer("k", k)
+            except ValueError:
+                raise ValueError(f"k must be a positive integer or 'rank', got k={k!r}") from None
         if subspace not in ("top", "bottom"):
             raise ValueError(f"subspace must be 'top' or 'bottom', got subspace={subspace!r}")
         if solver not in SOLVERS:
@@ -188,16 +169,8 @@ class WPerpGuess(Guess):
             )
         if k == "rank" and subspace == "bottom":
             raise ValueError("k='rank' is defined for subspace='top' only")
-        if not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be a non-negative integer, got depth={depth!r}")
         if not isinstance(warm_start, (bool, np.bool_)):
             raise ValueError(f"warm_start must be True or False, got warm_start={warm_start!r}")
-        if not isinstance(ritz_iters, int) or ritz_iters < 1:
-            raise ValueError(
-                f"ritz_iters must be a positive integer, got ritz_iters={ritz_iters!r}"
-            )
-        if block is not None and (not isinstance(block, int) or block < 1):
-            raise ValueError(f"block must be a positive integer, got block={block!r}")
         if block is not None and isinstance(k, int) and block * (depth + 1) < k:
             raise ValueError(
                 f"block·(depth + 1) = {block * (depth + 1)} is smaller than k={k}: the Krylov "

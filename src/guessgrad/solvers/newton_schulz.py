@@ -63,6 +63,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checks import integer
+
 __all__ = [
     "NSCoefficients",
     "load_coefficients",
@@ -199,8 +201,7 @@ def newton_schulz(x: Tensor, coeffs: Coefficients, iterations: int) -> Tensor:
     """
     if x.dim() < 2:
         raise ValueError(f"need matrices (B, m, n), got shape {tuple(x.shape)}")
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    iterations = integer("iterations", iterations, minimum=0)
     a, b, c, d = coeffs
     wide = x.shape[-2] <= x.shape[-1]
     shape = x.shape
@@ -249,8 +250,7 @@ def gram_newton_schulz(
         raise ValueError(
             f"need rows (B, c, r) for gram {tuple(gram.shape)}, got {tuple(rows.shape)}"
         )
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    iterations = integer("iterations", iterations, minimum=0)
     a, b, c, d = coeffs
     for _ in range(iterations):
         # q = a I + A (b I + c A + d A²): the scalings and sums fused into the products
@@ -304,8 +304,7 @@ def ns_rows(
     Returns:
         ``(u p^N(X) (B, c, r), ok (B,) bool)``.
     """
-    if not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    iterations = integer("iterations", iterations, minimum=0)
     limit = x_max * x_max * gram.shape[-1] * (1 + 1e-3)
     ok = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
     for step in range(iterations):
@@ -331,8 +330,7 @@ def power_sigma1(
     ``(B, n) -> (B, n)``; the estimate σ̂_1 = ‖G v‖^{1/2} for the last unit v never exceeds
     σ_1.  Examples whose G_b is zero (or whose start is) give 0, never NaN.
     """
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be a positive integer, got iters={iters!r}")
+    iters = integer("iters", iters)
     tiny = torch.finfo(start.dtype).tiny
     gv = start
     for _ in range(iters):
@@ -385,8 +383,7 @@ def sigma_ratio(w0: Tensor, k: int) -> float:
     """
     if w0.dim() != 2:
         raise ValueError(f"need one matrix (m, n), got shape {tuple(w0.shape)}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got k={k!r}")
+    k = integer("k", k)
     a = w0.detach().to(device="cpu", dtype=torch.float64).numpy()
     if not np.isfinite(a).all():
         raise ValueError("w0 has non-finite entries")
