@@ -568,43 +568,12 @@ def _train(
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
-        # the batches' losses stay on the device until the epoch's end, then are read at once:
-        # a step on a GPU does not wait for its loss (no float64 on the device: MPS has none)
-        losses: list[Tensor] = []
-        sizes: list[int] = []
-        for i in range(0, n, config.batch_size):
-            idx = perm[i : i + config.batch_size]
-            try:
-                loss = estimator.estimate(
-                    model, data.x_train[idx], data.y_train[idx], generator=guess_gen
-                )
-            except torch.linalg.LinAlgError as err:
-                # diverged: weights no longer finite, or finite but so large that the
-                # activations overflow (the solver then meets inf or NaN)
-                with torch.no_grad():
-                    logits = model(data.x_train[idx])
-                if all(bool(torch.isfinite(p).all()) for p in model.parameters()) and bool(
-                    torch.isfinite(logits).all()
-                ):
-                    raise
-                where = out if out is not None else config.slug()
-                raise TrainingDiverged(
-                    f"{where}: the weights or activations are no longer finite at step "
-                    f"{steps + 1} (epoch {epoch + 1}): training diverged, and {estimator!r} "
-                    f"cannot go on from them (a smaller learning rate may help)"
-                ) from err
-            optimizer.step()
-            steps += 1
-            losses.append(loss)
-            sizes.append(idx.shape[0])
-            if on_step is not None:
-                on_step(steps, loss)
-        # one read, which waits for the device to finish the epoch's steps
-        values = torch.stack(losses).tolist()
-        loss_sum = 0.0  # summed in step order, as each step's float used to be
-        for value, size in zip(values, sizes, strict=True):
-            loss_sum += value * size
-        seen = sum(sizes)
+        where = out if out is not None else config.slug()
+        loss_sum, seen = _train_epoch(
+            model, estimator, optimizer, data, perm, config.batch_size, guess_gen,
+            first_step=steps, epoch=epoch, where=where, on_step=on_step,
+        )  # fmt: skip
+        steps += math.ceil(n / config.batch_size)
         wall += time.perf_counter() - t0
         _, train_acc = evaluate(model, data.x_train, data.y_train)
         _, test_acc = evaluate(model, data.x_test, data.y_test)
@@ -661,6 +630,62 @@ def _train(
         atomic_write_json(out / "final.json", final)
         (out / "checkpoint.pt").unlink(missing_ok=True)
     return final
+
+
+def _train_epoch(
+    model: nn.Module,
+    estimator: Estimator,
+    optimizer: torch.optim.Optimizer,
+    data: MNIST1D,
+    perm: Tensor,
+    batch_size: int,
+    guess_gen: torch.Generator,
+    *,
+    first_step: int,
+    epoch: int,
+    where: object,
+    on_step: Callable[[int, Tensor], None] | None,
+) -> tuple[float, int]:
+    """One epoch's estimate-and-step over the batches of ``perm``; returns the sum of the
+    batches' losses, each weighted by its size, and the number of examples seen.
+
+    The batches' losses stay on the device until the epoch's end, then are read at once: a
+    step on a GPU does not wait for its loss (no float64 on the device: MPS has none)."""
+    losses: list[Tensor] = []
+    sizes: list[int] = []
+    step = first_step
+    for i in range(0, perm.shape[0], batch_size):
+        idx = perm[i : i + batch_size]
+        try:
+            loss = estimator.estimate(
+                model, data.x_train[idx], data.y_train[idx], generator=guess_gen
+            )
+        except torch.linalg.LinAlgError as err:
+            # diverged: weights no longer finite, or finite but so large that the
+            # activations overflow (the solver then meets inf or NaN)
+            with torch.no_grad():
+                logits = model(data.x_train[idx])
+            if all(bool(torch.isfinite(p).all()) for p in model.parameters()) and bool(
+                torch.isfinite(logits).all()
+            ):
+                raise
+            raise TrainingDiverged(
+                f"{where}: the weights or activations are no longer finite at step "
+                f"{step + 1} (epoch {epoch + 1}): training diverged, and {estimator!r} "
+                f"cannot go on from them (a smaller learning rate may help)"
+            ) from err
+        optimizer.step()
+        step += 1
+        losses.append(loss)
+        sizes.append(idx.shape[0])
+        if on_step is not None:
+            on_step(step, loss)
+    # one read, which waits for the device to finish the epoch's steps
+    values = torch.stack(losses).tolist()
+    loss_sum = 0.0  # summed in step order, as each step's float used to be
+    for value, size in zip(values, sizes, strict=True):
+        loss_sum += value * size
+    return loss_sum, sum(sizes)
 
 
 #: the fields of a run's record that say which code and hardware ran it
