@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import sys
@@ -430,6 +431,32 @@ def test_a_measurement_of_replaced_final_weights_is_stale(tmp_path: Path) -> Non
     del new["weights_sha256"]
     (run_dir / final_probe.output()).write_text(json.dumps(new))
     assert final_probe.done(store)
+
+
+def test_the_sweep_that_trains_a_run_again_measures_its_new_weights(tmp_path: Path) -> None:
+    """``final.json`` deleted: the run is trained again, and in the same sweep its final-weight
+    measurement, taken on the weights it had at planning time, is measured again once the new
+    weights are there (it was planned as done, and stayed stale)."""
+    wt = method("W̃ᵀ", "w-transpose")
+    cell = Cell("8", "rank", wt, 8, "rank_mean", probe=Probe("overlap", "final", 1))
+    exp = Experiment(name="again", title="again", cells=(cell,), seeds=1, epochs=1)
+    tasks = plan(exp, seeds=[0], epochs=1)
+    assert {o.status for o in run_tasks(tasks, tmp_path)} == {"done"}
+    probe = next(t for t in tasks if t.probe is not None)
+    run_dir = RunStore(tmp_path).run_dir(probe.config)
+    # the old weights (trained again, the run gets others: here the same weights, perturbed
+    # before, so that retraining replaces them), measured on those old weights
+    state = torch.load(run_dir / "model.pt", weights_only=True)
+    torch.save({k: v + 0.5 for k, v in state.items()}, run_dir / "model.pt")
+    record = json.loads((run_dir / probe.output()).read_text())
+    record["weights_sha256"] = weights_digest(run_dir)
+    atomic_write_json(run_dir / probe.output(), record)
+    (run_dir / "final.json").unlink()
+    outcomes = run_tasks(tasks, tmp_path)
+    assert sorted(o.task.label() for o in outcomes) == sorted(t.label() for t in tasks)
+    assert {o.status for o in outcomes} == {"done"}
+    new = json.loads((run_dir / probe.output()).read_text())
+    assert new["weights_sha256"] == weights_digest(run_dir) != record["weights_sha256"]
 
 
 def test_a_failed_run_keeps_its_traceback_beside_its_probes_failures(tmp_path: Path) -> None:
@@ -900,12 +927,21 @@ def test_workers_are_born_ignoring_ctrl_c() -> None:
 
     ctx = mp.get_context("spawn")
     answers = ctx.Queue()
-    for start, ignored in ((runner.start_ignoring_sigint, True), (lambda p: p.start(), False)):
-        proc = ctx.Process(target=_report_sigint, args=(answers,))
-        start(proc)
-        assert answers.get(timeout=60) is ignored
-        proc.join(timeout=60)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back here
+    # Python's own handler, as on a terminal, even where the tests run with SIGINT ignored (a
+    # background job of a non-interactive shell is started so, and its children inherit it)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        for start, ignored in (
+            (runner.start_ignoring_sigint, True),
+            (lambda p: p.start(), False),
+        ):
+            proc = ctx.Process(target=_report_sigint, args=(answers,))
+            start(proc)
+            assert answers.get(timeout=60) is ignored
+            proc.join(timeout=60)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back here
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -962,6 +998,7 @@ def test_a_worker_killed_mid_run_fails_that_run_alone(tmp_path: Path) -> None:
         "[0.3]",
         '{"train_accuracy": 0.3}',
         '{"config": null, "train_accuracy": 0.3, "test_accuracy": 0.2, "steps": 1}',
+        "another configuration's",
     ],
 )
 def test_report_names_a_damaged_final_record_instead_of_calling_the_run_unfinished(
@@ -975,12 +1012,17 @@ def test_report_names_a_damaged_final_record_instead_of_calling_the_run_unfinish
     _store_final(tmp_path, wt, 0, 300, train_accuracy=0.30, test_accuracy=0.20)
     _store_metrics(tmp_path, wt, 1, 300, [0.1, 0.25])
     damaged = RunStore(tmp_path).run_dir(wt.run.config(width=64, seed=1, epochs=300))
+    if content == "another configuration's":  # a finished run left there by train --out
+        other = wt.run.config(width=64, seed=1, epochs=300)
+        other = dataclasses.replace(other, method="backprop", options={}, lr=0.1)
+        record = {"config": other.to_dict(), "train_accuracy": 0.9, "test_accuracy": 0.8}
+        content = json.dumps({**record, "steps": 1, "estimator": "Backprop()"})
     (damaged / "final.json").write_text(content)
     drawn = {}
     monkeypatch.setattr(
         report_module, "draw_curves", lambda panels, path, title, **_: drawn.update(panels) or True
     )
-    with pytest.warns(UserWarning, match="cannot be read as a finished run's record"):
+    with pytest.warns(UserWarning, match="cannot be read as the run's finished record"):
         markdown = report(exp, tmp_path, tmp_path, seeds=[0, 1], epochs=300)
     assert "0.300 [1/2]" in markdown and "Unfinished" not in markdown
     assert str(damaged / "final.json") in markdown

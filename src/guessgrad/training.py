@@ -316,6 +316,17 @@ def _has_run_fields(record: Any, fields: tuple[str, ...]) -> bool:
     )
 
 
+def config_differences(record: dict[str, Any], config: TrainConfig) -> str:
+    """How the ``config`` stored in a finished run's ``record`` (its ``final.json``) differs
+    from ``config``, the device aside (a finished run is the same run on any device): "" when
+    it is ``config``'s, else "<field> <there> there, <here> here, …" ("config" when the record
+    holds none)."""
+    stored = record.get("config")
+    if not isinstance(stored, dict):
+        return "config missing there"
+    return _differences(stored, json.loads(json.dumps(config.to_dict())), ("device",))
+
+
 def _check_stored_run(
     out: Path, config: TrainConfig, final: dict[str, Any] | None, ckpt: dict[str, Any] | None
 ) -> None:
@@ -325,8 +336,7 @@ def _check_stored_run(
     device, whose random generators it holds."""
     wanted = config.to_dict()
     if final is not None:
-        stored, as_stored = final.get("config"), json.loads(json.dumps(wanted))  # tuples: lists
-        diff = _differences(stored, as_stored, ("device",)) if isinstance(stored, dict) else ""
+        diff = config_differences(final, config) if isinstance(final.get("config"), dict) else ""
         if diff:
             raise RunDirectoryConflict(
                 f"{out} holds a finished run of another configuration ({diff}); "

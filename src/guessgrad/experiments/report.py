@@ -830,10 +830,10 @@ def report(
     if damaged:
         text = (
             f"{counted(len(damaged), 'run')} not in the table: "
-            f"{'its' if len(damaged) == 1 else 'their'} final.json cannot be read as a finished "
-            "run's record; look at it, or remove it for `guessgrad reproduce` to train the run "
-            "again (from its checkpoint, where there is one): "
-            + ", ".join(str(d / "final.json") for d in damaged)
+            f"{'its' if len(damaged) == 1 else 'their'} final.json cannot be read as the run's "
+            "finished record (damaged, or another configuration's); look at it, or remove it "
+            "for `guessgrad reproduce` to train the run again (from its checkpoint, where there "
+            "is one): " + ", ".join(str(d / "final.json") for d in damaged)
         )
         warnings.warn(text, stacklevel=2)
         notes.append(text + ".")

@@ -37,7 +37,14 @@ from ..checks import integer, optional_integer
 from ..data import MNIST1D, mnist1d
 from ..estimators import make_estimator
 from ..files import atomic_write_json
-from ..training import FINAL_FIELDS, TrainConfig, _has_run_fields, tidy_finished, train
+from ..training import (
+    FINAL_FIELDS,
+    TrainConfig,
+    _has_run_fields,
+    config_differences,
+    tidy_finished,
+    train,
+)
 from .measure import diagnostics_record, overlap_record, weights_digest
 from .paper import DIAG_BATCH, DIAG_SAMPLES
 from .spec import Experiment, Method, Probe
@@ -75,9 +82,14 @@ class RunStore:
         return record if isinstance(record, dict) else None
 
     def finished(self, config: TrainConfig) -> dict[str, Any] | None:
-        """The run's ``final.json`` if it is a finished run's record (as training reads it)."""
+        """The run's ``final.json`` if it is a finished run's record (as training reads it) of
+        ``config`` (another configuration's, left there by ``guessgrad train --out``, say,
+        is not: no table shows it as this run's)."""
         record = self.read(config)
-        return record if _has_run_fields(record, FINAL_FIELDS) else None
+        if not _has_run_fields(record, FINAL_FIELDS):
+            return None
+        assert record is not None
+        return record if not config_differences(record, config) else None
 
     def probe_record(self, config: TrainConfig, probe: Probe) -> dict[str, Any] | None:
         """The probe's measurement of the run, or ``None`` if absent, unreadable or stale: a
@@ -94,7 +106,8 @@ class RunStore:
 
     def final_state(self, config: TrainConfig) -> Literal["finished", "damaged", "absent"]:
         """Whether the run's ``final.json`` is a finished run's record, is there but cannot be
-        read as one (damaged, or another program's file), or is absent."""
+        read as one (damaged, another program's file, or another configuration's run), or is
+        absent."""
         if self.finished(config) is not None:
             return "finished"
         try:
@@ -354,14 +367,18 @@ def run_tasks(
         ("training", "epoch", [t for t in tasks if t.kind == "train"]),
         ("measuring", "task", [t for t in tasks if t.kind == "probe"]),
     )
-    todo = [(name, unit, [t for t in group if not t.done(store)]) for name, unit, group in phases]
-    pending = {id(t) for t in todo[0][2]}
+    todo = [[t for t in group if not t.done(store)] for _, _, group in phases]
+    pending = {id(t) for t in todo[0]}
     for task in phases[0][2]:  # finished runs: what a killed writer left there goes
         if id(task) not in pending:
             tidy_finished(store.run_dir(task.config))
-    if any(group for _, _, group in todo):
+    if any(todo):
         _data()  # generate the data set once, before any worker needs it
-    for name, unit, group in todo:
+    for (name, unit, every), group in zip(phases, todo):
+        if unit == "task":
+            # decided once the runs are trained: a run trained again (its final.json removed)
+            # has new final weights, and its earlier measurements of them are stale now
+            group = [t for t in every if not t.done(store)]
         if not group:
             continue
         if progress is not None:
