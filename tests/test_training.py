@@ -162,25 +162,32 @@ def test_a_finished_run_is_tidied_of_what_a_killed_writer_left(
     data: MNIST1D, tmp_path: Path
 ) -> None:
     """Killed after writing final.json but before removing the checkpoint, or while drawing
-    curves.png: the next call finds the run finished and removes the leftovers, except a
-    temporary young enough to be another process's file being written."""
+    curves.png or writing a measurement, or after the run finished but before its sweep heard
+    of it (an error.log for a finished run): the next call finds the run finished and removes
+    the leftovers, except a temporary young enough to be another process's file being
+    written."""
     config = _config(epochs=1)
     out = tmp_path / "run"
     final = train(config, out_dir=out, data=data)
     (out / "checkpoint.pt").write_bytes(b"superseded")
+    (out / "error.log").write_text("worker died")
+    (out / "diagnostics").mkdir()
+    (out / "diagnostics" / "overlap-final.json.k1ll3d.tmp").write_bytes(b"half a file")
+    (out / "diagnostics" / "w-transpose-final.json").write_text("{}")
     for name in ("curves.png.k1ll3d.tmp", "final.json.k1ll3d.tmp", "busy.png.x.tmp"):
         (out / name).write_bytes(b"half a file")
     fresh = out / "curves.png.wr1t1n.tmp"
     fresh.write_bytes(b"being drawn")
     old = time.time() - 2 * training.STALE_AFTER
-    for path in out.glob("*.k1ll3d.tmp"):
+    for path in out.glob("**/*.k1ll3d.tmp"):
         os.utime(path, (old, old))
     assert train(config, out_dir=out, data=data) == final
     left = sorted(p.name for p in out.iterdir() if p.name != ".lock")
     assert left == sorted(
-        ["busy.png.x.tmp", "config.json", "curves.png.wr1t1n.tmp", "final.json", "metrics.jsonl",
-         "model.pt"]
+        ["busy.png.x.tmp", "config.json", "curves.png.wr1t1n.tmp", "diagnostics", "final.json",
+         "metrics.jsonl", "model.pt"]
     )  # fmt: skip
+    assert [p.name for p in (out / "diagnostics").iterdir()] == ["w-transpose-final.json"]
 
 
 def test_interrupted_run_resumes_to_the_same_result(data: MNIST1D, tmp_path: Path) -> None:

@@ -486,15 +486,18 @@ STALE_AFTER = 60.0
 
 def tidy_finished(out: Path) -> None:
     """Remove what a process killed between writing ``final.json`` and tidying up left in a
-    finished run's directory: the checkpoint (``final.json`` and ``model.pt`` supersede it)
-    and stale temporaries.  Nothing is said where the directory cannot be written (a shared,
-    read-only store): the run is finished either way."""
+    finished run's directory: the checkpoint (``final.json`` and ``model.pt`` supersede it),
+    an ``error.log`` (of an attempt before the run finished, or of a worker killed right after
+    it had), and stale temporaries, the measurements' in ``diagnostics/`` included.  Nothing is
+    said where the directory cannot be written (a shared, read-only store): the run is
+    finished either way."""
     old = time.time() - STALE_AFTER
-    leftovers = [out / "checkpoint.pt"]
-    leftovers += [p for pattern in STALE_TEMPORARIES for p in out.glob(pattern)]
-    for path in leftovers:
+    superseded = [out / "checkpoint.pt", out / "error.log"]
+    leftovers = [p for pattern in STALE_TEMPORARIES for p in out.glob(pattern)]
+    leftovers += list(out.glob("diagnostics/*.tmp"))
+    for path in [*superseded, *leftovers]:
         try:
-            if path.name == "checkpoint.pt" or path.stat().st_mtime < old:
+            if path in superseded or path.stat().st_mtime < old:
                 path.unlink(missing_ok=True)
         except OSError:
             pass
