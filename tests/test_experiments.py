@@ -474,6 +474,30 @@ def test_a_failed_run_keeps_its_traceback_beside_its_probes_failures(tmp_path: P
     assert "is not finished" in probe_log.read_text()
 
 
+def test_a_failure_that_cannot_be_logged_is_reported_and_the_sweep_goes_on(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """An ``error.log`` that cannot be written (a read-only run folder) is a warning, not an
+    exception out of the sweep: the task fails with its reason, and the next one runs."""
+    bad = method("broken", "w-perp", k=0)
+    good = method("backprop", "backprop")
+    cells = tuple(Cell("8", m.label, m, 8, "train_accuracy") for m in (bad, good))
+    exp = Experiment(name="unlogged", title="unlogged", cells=cells, seeds=1, epochs=1)
+    real_write = Path.write_text
+
+    def refused(self: Path, *args, **kwargs):
+        if self.name == "error.log":
+            raise PermissionError(13, "Permission denied")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    with pytest.warns(UserWarning, match=r"cannot write .*error.log: Permission denied; the fa"):
+        outcomes = run_tasks(plan(exp, seeds=[0], epochs=1), tmp_path)
+    status = {o.task.config.method: (o.status, o.message) for o in outcomes}
+    assert status["backprop"][0] == "done"
+    assert status["w-perp"][0] == "failed" and "k must be a positive integer" in status["w-perp"][1]
+
+
 def test_a_damaged_output_is_not_done(tmp_path: Path) -> None:
     """A truncated ``final.json`` fails its run with the reason (not "already done" forever,
     nor a silently empty cell); a truncated measurement is measured again."""

@@ -151,11 +151,21 @@ class Task:
             return store.final_state(self.config) == "finished"
         return store.probe_record(self.config, self.probe) is not None
 
-    def log_failure(self, store: RunStore, text: str) -> Path:
-        """Write ``text`` to the task's :meth:`error_log` and return its path."""
+    def log_failure(self, store: RunStore, text: str) -> Path | None:
+        """Write ``text`` to the task's :meth:`error_log` and return its path; where that
+        cannot be written (a read-only run folder), warn and return ``None``: a failure to
+        describe a failure must not stop the sweep."""
         path = store.run_dir(self.config) / self.error_log()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{self.label()}\n\n{text}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{self.label()}\n\n{text}")
+        except OSError as err:
+            warnings.warn(
+                f"cannot write {path}: {err.strerror or err}; the failure was: "
+                f"{(text.strip().splitlines() or [''])[-1]}",
+                stacklevel=2,
+            )
+            return None
         return path
 
 
