@@ -79,3 +79,18 @@ def test_the_file_then_its_folder_reach_the_disk(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(os, "fsync", record)
     atomic_write_text(tmp_path / "t.md", "x")
     assert synced == [("file", False), ("folder", True)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
+def test_the_umask_is_read_without_being_changed(monkeypatch) -> None:
+    """Where Linux says the umask, it is read, not set and put back: a file another thread
+    made in between would get the wrong permissions."""
+    from guessgrad import files
+
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(files.os, "umask", lambda *_: pytest.fail("umask was set"))
+        assert files._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)

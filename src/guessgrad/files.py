@@ -83,6 +83,15 @@ def _sync_folder(folder: Path) -> None:
 
 
 def _umask() -> int:
+    """The process's umask: read from ``/proc/self/status`` where Linux says it (setting it to
+    read it, as elsewhere, would give a file made by another thread meanwhile the wrong one)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)  # os.umask sets a mask and returns the previous one: put it back
     os.umask(mask)
     return mask
