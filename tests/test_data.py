@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import re
 import socket
 import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -174,6 +176,7 @@ def test_no_cache_never_touches_disk(monkeypatch, tmp_path):
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["not an npz", "truncated", "one byte flipped"])
 def test_damaged_cache_file_is_regenerated(monkeypatch, tmp_path, damage):
     monkeypatch.setenv("GUESSGRAD_CACHE", str(tmp_path))
@@ -189,7 +192,10 @@ def test_damaged_cache_file_is_regenerated(monkeypatch, tmp_path, damage):
         flipped = bytearray(whole)
         flipped[len(whole) // 4] ^= 0xFF
         path.write_bytes(bytes(flipped))
-    data = guessgrad.data.mnist1d()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # no file left open by the failed read
+        data = guessgrad.data.mnist1d()
+        gc.collect()
     assert torch.equal(data.y_train, torch.as_tensor(fake_arrays()["y"]))
     with np.load(path) as f:  # rewritten whole
         assert set(f.files) == {"x", "y", "x_test", "y_test"}

@@ -77,8 +77,8 @@ def _generate() -> dict[str, np.ndarray]:
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
     """The cached arrays, or ``None`` when the file is missing, unreadable or damaged
     (truncated, corrupted): the data are then generated again."""
-    try:
-        with np.load(path) as f:
+    try:  # the file opened here: np.load leaves its own open when a damaged one fails
+        with open(path, "rb") as raw, np.load(raw) as f:
             return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
