@@ -276,7 +276,7 @@ _FIG2 = WidthFigure(
 _TABLE3_QUICK = Preset(
     seeds=1,
     widths=(64, 128),
-    note="one seed, widths 64 and 128 (all five methods, full 300 epochs).",
+    note="one seed, widths 64 and 128, all five methods.",
 )
 TABLE3_EXPERIMENT = Experiment(
     name="table3",
