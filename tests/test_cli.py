@@ -869,11 +869,12 @@ def test_ctrl_c_says_what_is_kept(module, command, says, monkeypatch, capsys) ->
         assert err == f"{says}; run the same command again to resume."
 
 
-@pytest.mark.parametrize("written", ["nothing", "checkpoint.pt", "final.json"])
+@pytest.mark.parametrize("written", ["nothing", "config.json", "checkpoint.pt", "final.json"])
 def test_ctrl_c_in_train_says_what_its_folder_holds(written, tmp_path, monkeypatch, capsys):
-    """Stopped before its first epoch, train keeps nothing (and removes the folder it made);
-    after one, the checkpoint; after the run's end (drawing its curves, say), the results.
-    Each used to be announced as a checkpoint to resume."""
+    """Stopped before its first epoch, train keeps nothing (and removes the folder it made,
+    unless the run had written its first files: then nothing to resume); after one, the
+    checkpoint; after the run's end (drawing its curves, say), the results.  Each used to be
+    announced as a checkpoint to resume."""
     out = tmp_path / "run"
 
     def stopped(config, *, out_dir, **_kwargs):
@@ -886,6 +887,7 @@ def test_ctrl_c_in_train_says_what_its_folder_holds(written, tmp_path, monkeypat
     assert main(argv) == 130
     says = {
         "nothing": "no epoch had finished: nothing is kept",
+        "config.json": "no epoch had finished: nothing to resume (the same command starts again)",
         "checkpoint.pt": "the checkpoint of the last finished epoch is kept; run the same "
         "command again to resume",
         "final.json": f"the run had finished; its results are in {out}",

@@ -560,10 +560,12 @@ def test_a_bad_generator_is_refused_before_anything_is_written(estimator_case, m
 
 
 def test_a_generator_on_another_device_type_is_refused():
+    """Where it would draw: backprop, which draws nothing, takes any generator."""
     from guessgrad.estimators.base import check_generator
 
     check_generator(None, torch.device("meta"))
     check_generator(seeded(0), torch.device("cpu"))
+    check_generator(seeded(0), None)
     with pytest.raises(ValueError, match=r"generator is on cpu but the batch on meta: use torch"):
         check_generator(seeded(0), torch.device("meta"))
 

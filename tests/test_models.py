@@ -212,6 +212,11 @@ def test_overridden_forward_extra_parameters_and_other_hooks_are_refused():
         guessgrad.linear_layers(hooked)
     handle.remove()
     assert guessgrad.linear_layers(hooked)[1] is hooked[2]
+    handle = hooked[0].bias.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(0))
+    with pytest.raises(ValueError, match="'0': its bias has gradient hooks"):
+        guessgrad.linear_layers(hooked)
+    handle.remove()
+    assert guessgrad.linear_layers(hooked)[0] is hooked[0]
     hooked[0].register_full_backward_hook(lambda *args: None)
     with pytest.raises(ValueError, match="'0' has backward hooks"):
         guessgrad.linear_layers(hooked)

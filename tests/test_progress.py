@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import guessgrad.cli.progress as progress
 from guessgrad.cli.progress import SweepProgress, _duration
 
@@ -158,6 +160,11 @@ def test_a_resumed_train_says_where_it_starts_and_its_bar_starts_there(capsys, m
         display.on_start(40)
         if terminal:
             assert display.bar is not None and display.bar.n == display.bar.initial == 40
+            ticks = iter([3.0])  # the bar's clock: 2 s for epoch 41
+            monkeypatch.setattr(display.bar, "_time", lambda ticks=ticks: next(ticks, 3.0))
+            display.bar.start_t = display.bar.last_print_t = 1.0
+            display.on_epoch(_epoch_line(41))
+            assert display.bar.format_dict["rate"] == pytest.approx(0.5)  # not 41 epochs in 2 s
         display.close()
         assert note in capsys.readouterr().err
     quiet = TrainProgress(100, 2, quiet=True, desc="run")

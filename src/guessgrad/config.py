@@ -69,7 +69,10 @@ class TrainConfig:
         for name in ("width", "depth", "epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {name}={value!r}")
+                # a Python int: the run's name and record are made from it
+                raise ValueError(
+                    f"{name} must be a positive integer (a Python int), got {name}={value!r}"
+                )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got seed={self.seed!r}")
         if not 0 <= self.seed <= MAX_SEED:

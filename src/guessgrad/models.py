@@ -126,10 +126,13 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
                         f"module {name!r}: its {attr} is not an nn.Parameter (a pruned or "
                         "reparametrised layer): not supported"
                     )
-                if value is not None and value._backward_hooks:
+                if value is not None and (
+                    value._backward_hooks or getattr(value, "_post_accumulate_grad_hooks", None)
+                ):
                     raise ValueError(
-                        f"module {name!r}: its {attr} has gradient hooks (register_hook): the "
-                        "estimators write p.grad directly and would skip them; remove them"
+                        f"module {name!r}: its {attr} has gradient hooks (register_hook, "
+                        "register_post_accumulate_grad_hook): the estimators write p.grad "
+                        "directly and would skip them; remove them"
                     )
                 if value is not None and any(
                     value is p for earlier in linears for p in (earlier.weight, earlier.bias)

@@ -319,8 +319,8 @@ def _has_run_fields(record: Any, fields: tuple[str, ...]) -> bool:
 def config_differences(record: dict[str, Any], config: TrainConfig) -> str:
     """How the ``config`` stored in a finished run's ``record`` (its ``final.json``) differs
     from ``config``, the device aside (a finished run is the same run on any device): "" when
-    it is ``config``'s, else "<field> <there> there, <here> here, …" ("config" when the record
-    holds none)."""
+    it is ``config``'s, else "<field> <there> there, <here> here, …" ("config missing there"
+    when the record holds none)."""
     stored = record.get("config")
     if not isinstance(stored, dict):
         return "config missing there"

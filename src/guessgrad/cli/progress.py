@@ -78,13 +78,16 @@ class TrainProgress:
             )
 
     def on_start(self, epochs_done: int) -> None:
-        """Training starts here after ``epochs_done`` epochs (a checkpoint's): say so."""
+        """Training starts here after ``epochs_done`` epochs (a checkpoint's): the bar starts
+        there, its clock now (not while the data were made), and a resumed run says so."""
+        if self.bar is not None:
+            self.bar.reset(total=self.epochs)
+            self.bar.n = self.bar.initial = self.bar.last_print_n = epochs_done
+            self.bar.refresh()
         if not epochs_done or self.quiet:
             return
         note = f"note: resuming from the checkpoint after epoch {epochs_done} of {self.epochs}"
-        if self.bar is not None:  # the bar starts there, and its rate counts from there
-            self.bar.n = self.bar.initial = epochs_done
-            self.bar.refresh()
+        if self.bar is not None:
             self.bar.write(note, file=self.stream)
         else:
             print(note, file=self.stream, flush=True)

@@ -165,6 +165,8 @@ def _kept(out: Path) -> str:
                 "the checkpoint of the last finished epoch is kept; run the same command again "
                 "to resume"
             )
+        if out.is_dir():  # the run's first files, written before its first epoch ended
+            return "no epoch had finished: nothing to resume (the same command starts again)"
     except OSError:
         pass
     return "no epoch had finished: nothing is kept"

@@ -82,16 +82,17 @@ def check_batch(layers: list[nn.Linear], x: Tensor, y: Tensor) -> None:
         raise ValueError("x contains NaN or infinite values")
 
 
-def check_generator(generator: object, device: torch.device) -> None:
+def check_generator(generator: object, device: torch.device | None) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``generator`` is None or a ``torch.Generator``
-    on the device type of the batch (torch draws on a generator's own device only)."""
+    on the device type of the batch (torch draws on a generator's own device only; ``device``
+    None: any device, for an estimator that draws nothing)."""
     if generator is None:
         return
     if not isinstance(generator, torch.Generator):
         raise TypeError(
             f"generator must be a torch.Generator or None, got {type(generator).__name__}"
         )
-    if generator.device.type != device.type:
+    if device is not None and generator.device.type != device.type:
         raise ValueError(
             f"the generator is on {generator.device} but the batch on {device}: use "
             f"torch.Generator(device={str(device)!r})"
@@ -125,7 +126,7 @@ class Estimator(ABC):
     ) -> Tensor:
         """Write gradient estimates into ``p.grad`` and return the loss (detached, 0-d)."""
         layers, x, y = prepare_batch(model, x, y, "estimate")
-        check_generator(generator, x.device)
+        check_generator(generator, None if self.uses_backprop else x.device)
         with torch.no_grad():
             loss, grads = self._estimate(layers, x, y, generator)
         for param, grad in grads:
