@@ -11,7 +11,15 @@ import sys
 import time
 from dataclasses import asdict
 
-from .common import DEVICE_HELP, UsageError, nonnegative_int, positive_int, seed_int, set_threads
+from .common import (
+    DEVICE_HELP,
+    UsageError,
+    device_arg,
+    nonnegative_int,
+    positive_int,
+    seed_int,
+    set_threads,
+)
 
 __all__ = ["configure_parser", "run"]
 
@@ -49,7 +57,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
         default=3,
         help="untimed steps first (default: %(default)s)",
     )
-    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    parser.add_argument("--device", type=device_arg, default="cpu", help=DEVICE_HELP)
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=seed_int, default=0, help="(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead")

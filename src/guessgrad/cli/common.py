@@ -31,6 +31,7 @@ __all__ = [
     "estimator_options",
     "check_estimator",
     "setting_notes",
+    "device_arg",
     "device_name",
     "default_jobs",
     "set_threads",
@@ -162,6 +163,18 @@ def check_estimator(method: str, options: dict[str, Any]) -> None:
         make_estimator(method, **options)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def device_arg(text: str) -> str:
+    """``--device``: a name torch could mean (auto, cpu, cuda, cuda:N, mps), checked when the
+    command line is read, so that a misspelt one is an error in every command (also where the
+    device is not used, as with ``--report-only``); whether it is there is checked on use."""
+    index = text[5:] if text.startswith("cuda:") else None
+    if text not in ("auto", "cpu", "cuda", "mps") and not (index and index.isdecimal()):
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps"
+        )
+    return text
 
 
 def device_name(device: str) -> str:

@@ -16,6 +16,7 @@ from .common import (
     UsageError,
     add_estimator_options,
     check_estimator,
+    device_arg,
     device_name,
     estimator_options,
     make_config,
@@ -69,7 +70,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
         "--samples", type=positive_int, default=16, help="guesses per example (default: 16)"
     )
     p.add_argument("--overlap-k", type=positive_int, help="k of the overlap (default: k or 10)")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument(
         "--json",

@@ -24,6 +24,7 @@ from .common import (
     DEVICE_HELP,
     UsageError,
     default_jobs,
+    device_arg,
     device_name,
     out_path,
     output_dir,
@@ -117,7 +118,7 @@ def configure_parsers(sub: argparse._SubParsersAction) -> None:
         "not in the run store yet, then write and print its tables and figures.",
     )
     _add_selection(p)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--jobs",
         type=positive_int,

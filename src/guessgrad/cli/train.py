@@ -25,6 +25,7 @@ from .common import (
     UsageError,
     add_estimator_options,
     check_estimator,
+    device_arg,
     device_name,
     estimator_options,
     make_config,
@@ -90,7 +91,7 @@ def configure_parser(sub: argparse._SubParsersAction) -> None:
         default=_DEFAULTS.seed,
         help="seed of the initial weights, batch order and guesses (default: %(default)s)",
     )
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", type=out_path, help="output directory (default: results/runs/<slug>)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors and warnings")
