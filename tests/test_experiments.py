@@ -452,6 +452,11 @@ def test_the_sweep_that_trains_a_run_again_measures_its_new_weights(tmp_path: Pa
     record["weights_sha256"] = weights_digest(run_dir)
     atomic_write_json(run_dir / probe.output(), record)
     (run_dir / "final.json").unlink()
+    store = RunStore(tmp_path)
+    assert probe.done(store)  # the old weights are still there, and match the record
+    (run_dir / "checkpoint.pt").write_bytes(b"an epoch of the new training")
+    assert not probe.done(store)  # being trained again: the record is of the old weights
+    (run_dir / "checkpoint.pt").unlink()
     outcomes = run_tasks(tasks, tmp_path)
     assert sorted(o.task.label() for o in outcomes) == sorted(t.label() for t in tasks)
     assert {o.status for o in outcomes} == {"done"}

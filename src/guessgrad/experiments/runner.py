@@ -94,15 +94,25 @@ class RunStore:
     def probe_record(self, config: TrainConfig, probe: Probe) -> dict[str, Any] | None:
         """The probe's measurement of the run, or ``None`` if absent, unreadable or stale: a
         measurement at the final weights whose ``weights_sha256`` is not that of the run's
-        ``model.pt`` now was taken on weights the run no longer has (it was trained again).
+        ``model.pt`` now was taken on weights the run no longer has (it was trained again), and
+        so was one of a run that is being trained again (a checkpoint and no ``final.json``).
         Records without the field (written before it existed, or by hand), and those of a run
         whose ``model.pt`` is gone or unreadable (nothing to compare with), are taken as they
         are."""
         record = self.read(config, probe.file())
+        if record is not None and probe.when == "final" and self._training_again(config):
+            return None  # of the weights the run had before: it has a checkpoint, no final.json
         if record is None or probe.when != "final" or "weights_sha256" not in record:
             return record
         now = weights_digest(self.run_dir(config))
         return record if now is None or record["weights_sha256"] == now else None
+
+    def _training_again(self, config: TrainConfig) -> bool:
+        run_dir = self.run_dir(config)
+        try:
+            return (run_dir / "checkpoint.pt").exists() and not (run_dir / "final.json").exists()
+        except OSError:
+            return False
 
     def final_state(self, config: TrainConfig) -> Literal["finished", "damaged", "absent"]:
         """Whether the run's ``final.json`` is a finished run's record, is there but cannot be
