@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_SEED", "METHODS", "TrainConfig", "option_value"]
+__all__ = ["MAX_SEED", "METHODS", "TrainConfig", "check_device_name", "option_value"]
 
 #: the largest seed: a run's generators are seeded with seed + 2 000 003 at most, which must
 #: fit torch's 64-bit seeds
@@ -31,6 +31,14 @@ METHODS: tuple[str, ...] = (
     "w-precond",
     "w-perp-ns",
 )
+
+
+def check_device_name(device: str) -> None:
+    """``ValueError`` unless ``device`` is a name torch could mean: auto, cpu, cuda, cuda:N or
+    mps (whether that device is there is another question, for the code that uses it)."""
+    index = device[5:] if device.startswith("cuda:") else None
+    if device not in ("auto", "cpu", "cuda", "mps") and not (index and index.isdecimal()):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
 def option_value(text: str) -> Any:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 __all__ = ["MLP", "linear_layers"]
 
@@ -182,8 +183,6 @@ _GLOBAL_HOOKS = {
 
 def _check_global_hooks() -> None:
     """Refuse global module hooks: they would run for backprop's autograd only."""
-    from torch.nn.modules import module as torch_module
-
     for attr, setter in _GLOBAL_HOOKS.items():
         if getattr(torch_module, attr, None):
             raise ValueError(

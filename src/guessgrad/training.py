@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .config import TrainConfig
+from .config import TrainConfig, check_device_name
 from .data import MNIST1D, mnist1d
 from .estimators import Estimator, make_estimator
 from .files import LOCK_FILE, atomic_path, atomic_write_json, atomic_write_text
@@ -85,9 +85,8 @@ def resolve_device(device: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    check_device_name(device)
     index = device[5:] if device.startswith("cuda:") else None
-    if device not in ("cpu", "cuda", "mps") and not (index is not None and index.isdecimal()):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     if index is not None and int(index) >= torch.cuda.device_count():
@@ -576,12 +575,12 @@ def _train(
 
     n = data.x_train.shape[0]
     diverged = False
+    where = out if out is not None else config.slug()  # how messages name the run
     if on_start is not None:
         on_start(start_epoch)
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=order_gen).to(device)
-        where = out if out is not None else config.slug()
         loss_sum, seen = _train_epoch(
             model, estimator, optimizer, data, perm, config.batch_size, guess_gen,
             first_step=steps, epoch=epoch, where=where, on_step=on_step,
@@ -593,7 +592,7 @@ def _train(
         if not math.isfinite(loss_sum) and not diverged:
             diverged = True  # said once: the run goes on, as asked
             warnings.warn(
-                f"{out if out is not None else config.slug()}: the training loss is "
+                f"{where}: the training loss is "
                 f"{loss_sum / seen} "
                 f"in epoch {epoch + 1}: training diverged (a smaller learning rate may help)",
                 stacklevel=2,

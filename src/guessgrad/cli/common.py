@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..config import MAX_SEED, METHODS, TrainConfig, option_value
+from ..config import MAX_SEED, METHODS, TrainConfig, check_device_name, option_value
 from ..files import LOCK_FILE
 
 __all__ = [
@@ -169,11 +169,10 @@ def device_arg(text: str) -> str:
     """``--device``: a name torch could mean (auto, cpu, cuda, cuda:N, mps), checked when the
     command line is read, so that a misspelt one is an error in every command (also where the
     device is not used, as with ``--report-only``); whether it is there is checked on use."""
-    index = text[5:] if text.startswith("cuda:") else None
-    if text not in ("auto", "cpu", "cuda", "mps") and not (index and index.isdecimal()):
-        raise argparse.ArgumentTypeError(
-            f"unknown device {text!r}; use auto, cpu, cuda, cuda:N or mps"
-        )
+    try:
+        check_device_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 
