@@ -79,7 +79,34 @@ def test_train_lines_give_the_step_rate_and_none_from_a_single_resumed_step(caps
     resumed.on_step(0, 1.0)
     resumed.on_epoch(line(3, 9.0))
     out = capsys.readouterr().err.splitlines()
-    assert out[0].endswith("2.0 steps/s") and out[1].endswith("– steps/s")
+    assert "  2.0 steps/s" in out[0] and out[1].endswith("– steps/s")  # epoch 3/3: no time left
+
+
+def test_train_lines_estimate_the_time_left_from_the_epochs_run_in_this_process(
+    capsys, monkeypatch
+) -> None:
+    """Resumed after epoch 40 of 100 at clock 100 s, epoch 45 ends at 200 s: 20 s per epoch,
+    55 epochs left, about 18 min (evaluation included: the clock, not the training time);
+    a fresh run without ``on_start`` counts from its creation; the last line has no estimate."""
+    from guessgrad.cli.progress import TrainProgress
+
+    now = [0.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    display = TrainProgress(100, 2, quiet=False, desc="run")  # created at 0 s
+    now[0] = 100.0
+    display.on_start(40)
+    now[0] = 200.0
+    display.on_epoch(_epoch_line(45))
+    now[0] = 1000.0
+    display.on_epoch(_epoch_line(100))
+    now[0] = 0.0
+    fresh = TrainProgress(20, 2, quiet=False, desc="run")
+    now[0] = 30.0
+    fresh.on_epoch(_epoch_line(1))  # 19 epochs of 30 s left
+    out = capsys.readouterr().err.splitlines()
+    assert out[-3].startswith("epoch 45/100") and out[-3].endswith(", about 18 min left")
+    assert out[-2].startswith("epoch 100/100") and out[-2].endswith(" steps/s")
+    assert out[-1].startswith("epoch 1/20") and out[-1].endswith(", about 10 min left")
 
 
 def _epoch_line(epoch: int) -> dict:

@@ -3,7 +3,8 @@
 Progress goes to stderr; results (summaries, tables) go to stdout.  Without a terminal (a log
 file, a batch job) a sweep prints a line per finished task and, in between, one each time
 another twentieth of its training epochs is done, with the time elapsed and an estimate of the
-time left (from the sweep's mean rate so far).
+time left (from the sweep's mean rate so far); ``train`` prints about twenty lines per run, each
+with the step rate and the time left (from the mean time of the epochs run in this process).
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class TrainProgress:
         self._wall: float | None = None  # training time at the previous epoch's end
         self._first_step: float | None = None
         self._steps = 0
+        # where this process's training started (clock, epochs done): the time left is
+        # estimated from the epochs run here, evaluation and checkpoints included
+        self._began: tuple[float, int] | None = None
+        self._created = time.perf_counter()
 
     def on_step(self, _step: int, _loss: object) -> None:
         if self._first_step is None:
@@ -72,14 +77,27 @@ class TrainProgress:
             print(
                 f"epoch {epoch}/{self.epochs}  loss {line['train_loss']:.4f}  "
                 f"train {line['train_accuracy']:.3f}  test {line['test_accuracy']:.3f}  "
-                f"{speed} steps/s",
+                f"{speed} steps/s{self._time_left(epoch)}",
                 file=self.stream,
                 flush=True,
             )
 
+    def _time_left(self, epoch: int) -> str:
+        """``", about 2 h 05 min left"`` from the mean time of the epochs run in this process
+        (none after the last epoch)."""
+        if self._began is None:  # no on_start: a fresh run, timed from its first line
+            self._began = (self._created, 0)
+        began, first = self._began
+        done = epoch - first
+        if epoch >= self.epochs or done <= 0:
+            return ""
+        left = (time.perf_counter() - began) / done * (self.epochs - epoch)
+        return f", about {_duration(left)} left"
+
     def on_start(self, epochs_done: int) -> None:
         """Training starts here after ``epochs_done`` epochs (a checkpoint's): the bar starts
         there, its clock now (not while the data were made), and a resumed run says so."""
+        self._began = (time.perf_counter(), epochs_done)
         if self.bar is not None:
             self.bar.reset(total=self.epochs)
             self.bar.n = self.bar.initial = self.bar.last_print_n = epochs_done
