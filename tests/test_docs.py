@@ -91,3 +91,28 @@ def test_the_newton_schulz_table_is_the_shipped_fit() -> None:
         assert row[2] == f"{fit['max_error_outside_band']:.2e}"
         assert row[3] == f"{fit['rms_error_outside_band']:.2e}"
         assert row[4:] == [f"{c:.5f}" for c in fit["coefficients"]]
+
+
+def test_the_extending_guide_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """docs/extending.md's Python blocks run as written (a custom guess trained, diagnosed
+    against activation perturbation with its own asserts, and registered), in a child
+    process, so that its registration does not reach this session's registry-driven tests."""
+    import os
+    import subprocess
+    import sys
+
+    text = (ROOT / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+    assert blocks, "docs/extending.md has no Python block"
+    env = dict(os.environ)
+    env["GUESSGRAD_CACHE"] = str(tmp_path_factory.getbasetemp() / "guessgrad-cache")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    done = subprocess.run(
+        [sys.executable, "-c", "\n".join(blocks)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ForwardGradient(guess='ActiveUnitsGuess()'" in done.stdout
