@@ -85,7 +85,7 @@ class TrainProgress:
     def _time_left(self, epoch: int) -> str:
         """``", about 2 h 05 min left"`` from the mean time of the epochs run in this process
         (none after the last epoch)."""
-        if self._began is None:  # no on_start: a fresh run, timed from its first line
+        if self._began is None:  # no on_start: a fresh run, timed from this display's creation
             self._began = (self._created, 0)
         began, first = self._began
         done = epoch - first
