@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 
+from guessgrad.estimators import ForwardGradient
 from guessgrad.guesses import (
     IsotropicGuess,
     Site,
@@ -284,6 +285,11 @@ def test_a_guess_that_needs_the_jacobian_refuses_the_output_layer(name):
         with pytest.raises(ValueError, match="layer 3 is the output layer"):
             call()
     assert IsotropicGuess().sample(output, {}, generator=seeded(0)).shape == (3, 6)
+    # and an estimator refuses it as the output layer's guess when it is built, not at the
+    # first estimate; as the hidden layers' guess it is taken
+    with pytest.raises(ValueError, match="needs an upstream Jacobian, which the output layer"):
+        ForwardGradient(IsotropicGuess(), output_guess=guess)
+    assert ForwardGradient(guess).output_guess.needs_jacobian is False
 
 
 # ---------------------------------------------------------------- samples

@@ -39,6 +39,7 @@ class ForwardGradient(Estimator):
     Args:
         guess: the :class:`~guessgrad.guesses.Guess` for hidden layers.
         output_guess: the guess for the output layer; defaults to activation perturbation.
+            A guess that needs the upstream Jacobian (``needs_jacobian``) is refused there.
     """
 
     name = "forward-gradient"
@@ -47,6 +48,11 @@ class ForwardGradient(Estimator):
         super().__init__()
         self.guess = guess
         self.output_guess = output_guess if output_guess is not None else IsotropicGuess()
+        if self.output_guess.needs_jacobian:
+            raise ValueError(
+                f"output_guess {self.output_guess!r} needs an upstream Jacobian, which the "
+                "output layer does not have (it has no next layer); use it as `guess`"
+            )
 
     def guess_for(self, site: Site) -> Guess:
         """The guess used at ``site``."""

@@ -68,7 +68,8 @@ class Guess(ABC):
     of the next ``sample(site, state)``.
     """
 
-    #: whether the guess needs ``site.jacobian`` (hidden layers only)
+    #: whether the guess needs ``site.jacobian``: hidden layers only (``ForwardGradient`` refuses it
+    #: as the output layer's guess)
     needs_jacobian: bool = False
 
     @abstractmethod
