@@ -87,7 +87,8 @@ def test_train_lines_estimate_the_time_left_from_the_epochs_run_in_this_process(
 ) -> None:
     """Resumed after epoch 40 of 100 at clock 100 s, epoch 45 ends at 200 s: 20 s per epoch,
     55 epochs left, about 18 min (evaluation included: the clock, not the training time);
-    a fresh run without ``on_start`` counts from its creation; the last line has no estimate."""
+    a fresh run without ``on_start`` counts from its creation; the last line has no estimate,
+    and one under half a second says so."""
     from guessgrad.cli.progress import TrainProgress
 
     now = [0.0]
@@ -101,12 +102,16 @@ def test_train_lines_estimate_the_time_left_from_the_epochs_run_in_this_process(
     display.on_epoch(_epoch_line(100))
     now[0] = 0.0
     fresh = TrainProgress(20, 2, quiet=False, desc="run")
+    quick = TrainProgress(3, 2, quiet=False, desc="run")
     now[0] = 30.0
     fresh.on_epoch(_epoch_line(1))  # 19 epochs of 30 s left
-    out = capsys.readouterr().err.splitlines()
-    assert out[-3].startswith("epoch 45/100") and out[-3].endswith(", about 18 min left")
-    assert out[-2].startswith("epoch 100/100") and out[-2].endswith(" steps/s")
-    assert out[-1].startswith("epoch 1/20") and out[-1].endswith(", about 10 min left")
+    now[0] = 0.01
+    quick.on_epoch(_epoch_line(1))  # 2 epochs of 10 ms left
+    out = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("note:")]
+    assert out[0].startswith("epoch 45/100") and out[0].endswith(", about 18 min left")
+    assert out[1].startswith("epoch 100/100") and out[1].endswith(" steps/s")
+    assert out[2].startswith("epoch 1/20") and out[2].endswith(", about 10 min left")
+    assert out[3].startswith("epoch 1/3") and out[3].endswith(", under a second left")
 
 
 def _epoch_line(epoch: int) -> dict:

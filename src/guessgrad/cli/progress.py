@@ -92,7 +92,7 @@ class TrainProgress:
         if epoch >= self.epochs or done <= 0:
             return ""
         left = (time.perf_counter() - began) / done * (self.epochs - epoch)
-        return f", about {_duration(left)} left"
+        return f", about {_duration(left)} left" if left >= 0.5 else ", under a second left"
 
     def on_start(self, epochs_done: int) -> None:
         """Training starts here after ``epochs_done`` epochs (a checkpoint's): the bar starts
