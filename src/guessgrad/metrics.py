@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from .checks import integer, optional_integer
 from .estimators.base import Estimator, check_generator, prepare_batch
 from .estimators.forward_gradient import ForwardGradient
+from .estimators.registry import make_estimator
 from .guesses import Guess, Site, WPerpGuess
 from .solvers.svd import top_right_singular
 
@@ -141,8 +142,6 @@ def diagnose(
     advance warm starts or counters, and all draws share one covariance per example.
     """
     if isinstance(est, str):
-        from .estimators import make_estimator
-
         est = make_estimator(est)
     if not isinstance(est, Estimator):
         raise TypeError(
