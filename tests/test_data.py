@@ -231,8 +231,7 @@ def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_data(monkeypatch
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_the_cache_file_is_readable_like_any_other(monkeypatch, tmp_path):
-    """A cache folder shared by several users needs the umask's permissions, not the
-    owner-only ones of the temporary file the cache is written to first."""
+    """A cache folder shared by several users needs the umask's permissions."""
     monkeypatch.setenv("GUESSGRAD_CACHE", str(tmp_path))
     monkeypatch.setattr(loader, "_generate", fake_arrays)
     previous = os.umask(0o022)

@@ -47,7 +47,7 @@ def test_atomic_path_creates_the_folder_and_replaces_the_file(tmp_path: Path) ->
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_atomic_files_get_the_usual_permissions(tmp_path: Path, umask: int) -> None:
     """config.json, final.json, checkpoints, tables and the data cache are readable like any
-    file the process writes (the temporary file they are written to first is owner-only)."""
+    file the process writes."""
     previous = os.umask(umask)
     try:
         atomic_write_json(tmp_path / "final.json", {"a": 1})
@@ -81,16 +81,36 @@ def test_the_file_then_its_folder_reach_the_disk(tmp_path: Path, monkeypatch) ->
     assert synced == [("file", False), ("folder", True)]
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
-def test_the_umask_is_read_without_being_changed(monkeypatch) -> None:
-    """Where Linux says the umask, it is read, not set and put back: a file another thread
-    made in between would get the wrong permissions."""
+@pytest.mark.parametrize("after", ["open", "close"])
+def test_an_interruption_as_the_temporary_is_made_leaves_nothing(
+    tmp_path: Path, monkeypatch, after: str
+) -> None:
+    """SIGTERM becomes an exception between any two steps, also just after the temporary file
+    was made and before the writer had it: the file is removed all the same."""
     from guessgrad import files
 
-    previous = os.umask(0o027)
-    try:
-        monkeypatch.setattr(files.os, "umask", lambda *_: pytest.fail("umask was set"))
-        assert files._umask() == 0o027
-    finally:
-        monkeypatch.undo()
-        os.umask(previous)
+    real = getattr(os, after)
+
+    def then_interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, after, then_interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "checkpoint.pt"):
+        pytest.fail("the block began")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_taken_temporary_name_is_left_to_its_writer(tmp_path: Path, monkeypatch) -> None:
+    """Two writers never share a temporary; should a name be taken all the same, the file is
+    another writer's and stays."""
+    from guessgrad import files
+
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: "0" * (2 * n))
+    taken = tmp_path / f"final.json.{'0' * 16}.tmp"
+    taken.write_text("another writer's")
+    with pytest.raises(FileExistsError):
+        atomic_write_json(tmp_path / "final.json", {"a": 1})
+    assert taken.read_text() == "another writer's"
+    assert not (tmp_path / "final.json").exists()

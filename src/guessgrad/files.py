@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,23 +34,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     the block ends normally, remove it when the block raises.
 
     The folder is created if missing.  The file gets the permissions of any file the process
-    creates (0o666 less the umask), not the owner-only ones of a temporary file.  The name ends
+    creates (0o666 less the umask).  The temporary's name, ``<name>.<16 hex digits>.tmp``, ends
     in ``.tmp``, so a writer that picks its format by the file's suffix (matplotlib's
     ``savefig``, ``numpy.savez``) must be told the format or given an open file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    # the name is chosen before the file exists and the file is made inside the ``try``, so an
+    # interruption at any moment (SIGTERM is raised between any two steps) finds it to remove;
+    # 64 random bits make it no other writer's name
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # less the umask
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        if not (isinstance(err, FileExistsError) and err.filename == str(tmp)):
+            tmp.unlink(missing_ok=True)
         raise
     _sync_folder(path.parent)
 
@@ -80,18 +82,3 @@ def _sync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _umask() -> int:
-    """The process's umask: read from ``/proc/self/status`` where Linux says it (setting it to
-    read it, as elsewhere, would give a file made by another thread meanwhile the wrong one)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # os.umask sets a mask and returns the previous one: put it back
-    os.umask(mask)
-    return mask
